@@ -1,0 +1,1 @@
+"""corral's kernel mechanisms: one module per mechanism, synchronous, daemon-agnostic."""
