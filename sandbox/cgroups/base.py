@@ -1,0 +1,243 @@
+"""The cgroup driver interface shared by the v1 and v2 drivers, and their common parts.
+
+A driver owns one *base* directory per hierarchy: the cgroup the calling process
+lives in (read from /proc/self/cgroup) plus an optional relative `parent`
+subdirectory. Every `rel` path handed to a driver is relative to that base and is
+validated here, so a driver can never be talked into creating, killing or removing
+a cgroup outside the subtree corral owns (DESIGN.md: "cgroups only below our own
+cgroup").
+"""
+
+from __future__ import annotations
+
+import abc
+import errno
+import logging
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sandbox.errors import CorralError, KernelError
+from sandbox.spec import Limits
+
+log = logging.getLogger(__name__)
+
+#: One path component of a cgroup we create: no '/', no '..', nothing the
+#: cgroupfs would read as an interface file name ("cgroup.procs") by accident.
+_COMPONENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+#: How long kill()/release() wait for the kernel to empty and free a cgroup.
+KILL_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Resource usage of one cgroup (recursive, as the kernel accounts it)."""
+
+    memory_bytes: int  # memory.current / memory.usage_in_bytes
+    memory_max: int | None  # the limit in force; None = unlimited
+    cpu_usec: int  # CPU time consumed, microseconds
+    pids: int  # tasks right now (pids.current)
+    pids_max: int | None  # None = unlimited
+    oom_kills: int  # processes killed by the OOM killer inside this cgroup
+
+
+def check_rel(rel: str, *, allow_base: bool = False) -> list[str]:
+    """Split a relative cgroup path into validated components.
+
+    "" (the base itself) is refused unless `allow_base`: killing or removing the
+    base would hit the daemon's own cgroup.
+    """
+    if not isinstance(rel, str):
+        raise CorralError(f"cgroup path {rel!r} must be a string")
+    if rel == "":
+        if allow_base:
+            return []
+        raise CorralError("cgroup path must not be empty (that is the driver's own base)")
+    if rel.startswith("/"):
+        raise CorralError(f"cgroup path {rel!r} must be relative to the driver's base")
+    parts = rel.strip("/").split("/")
+    for p in parts:
+        if not _COMPONENT_RE.match(p) or p in (".", ".."):
+            raise CorralError(
+                f"invalid cgroup path component {p!r} in {rel!r}",
+                hint="use letters, digits, '_', '.', '-' (not starting with '.' or '-')",
+            )
+    return parts
+
+
+def parse_proc_cgroup(text: str) -> dict[str, str]:
+    """Parse /proc/<pid>/cgroup into {controller: path}; the v2 line is keyed "".
+
+    Lines look like "4:memory:/process_api/abc" or "0::/user.slice"; comounted
+    controllers ("2:cpu,cpuacct:/") appear under each of their names, and named
+    hierarchies ("9:name=systemd:/") under "name=systemd".
+    """
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, ctrls, path = parts
+        if ctrls == "":
+            out[""] = path
+            continue
+        for c in ctrls.split(","):
+            out[c] = path
+    return out
+
+
+def read_proc_cgroup(pid: int | str = "self", proc: str = "/proc") -> dict[str, str]:
+    """{controller: path} of a process; {} if it does not exist (any more)."""
+    try:
+        with open(f"{proc}/{pid}/cgroup") as f:
+            return parse_proc_cgroup(f.read())
+    except (FileNotFoundError, ProcessLookupError):
+        return {}
+
+
+def path_within(path: str, top: str) -> bool:
+    """Is cgroup `path` equal to `top` or below it (component-wise, not by prefix)?"""
+    top = top.rstrip("/") or "/"
+    if top == "/":
+        return path.startswith("/")
+    return path == top or path.startswith(top + "/")
+
+
+def join_cg(*parts: str) -> str:
+    """Join cgroup hierarchy paths ("/a", "b/c") into "/a/b/c"."""
+    comps = [c for p in parts for c in p.split("/") if c]
+    return "/" + "/".join(comps)
+
+
+def pjoin(*parts: str) -> str:
+    return str(Path(*parts))
+
+
+def is_dir(path: str) -> bool:
+    return Path(path).is_dir()
+
+
+def path_exists(path: str) -> bool:
+    return Path(path).exists()
+
+
+def mkdirs(path: str) -> None:
+    Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def write_text(path: str, value: str) -> None:
+    """Write one value to a cgroup file; errors name the file and the value."""
+    log.debug("cgroup write %s <- %r", path, value)
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError as e:
+        raise KernelError(
+            f"write {value!r} to {path} failed: {errno.errorcode.get(e.errno or 0, e.errno)} "
+            f"({e.strerror})",
+            errno=e.errno or 0,
+        ) from e
+
+
+def read_pids(path: str) -> list[int]:
+    """cgroup.procs of one directory; [] if the cgroup vanished meanwhile."""
+    try:
+        return [int(x) for x in read_text(path).split()]
+    except FileNotFoundError:
+        return []
+
+
+def walk_dirs(top: str) -> list[str]:
+    """`top` and every directory below it, parents before children."""
+    out: list[str] = []
+    if not is_dir(top):
+        return out
+    for dirpath, dirnames, _ in os.walk(top):
+        dirnames.sort()
+        out.append(dirpath)
+    return out
+
+
+def sigkill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def rmdir_retry(path: str, timeout: float = KILL_TIMEOUT) -> None:
+    """rmdir a cgroup, retrying while the kernel still finishes exiting tasks (EBUSY)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            Path(path).rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise KernelError(f"rmdir {path} failed: {e.strerror}", errno=e.errno or 0,
+                                  hint="a process is still in this cgroup") from e
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+class CgroupDriver(abc.ABC):
+    """One interface, two drivers (v1.py, v2.py); see each method's docstring."""
+
+    version: str
+
+    @abc.abstractmethod
+    def prepare(self, rel: str, limits: Limits) -> None:
+        """Create `rel` (and its parents; idempotent) and apply `limits` to it."""
+
+    @abc.abstractmethod
+    def add(self, rel: str, pid: int) -> None:
+        """Move process `pid` (all its threads) into `rel`."""
+
+    @abc.abstractmethod
+    def procs(self, rel: str) -> list[int]:
+        """Every process in `rel` and below, sorted."""
+
+    @abc.abstractmethod
+    def contains(self, rel: str, pid: int) -> bool:
+        """Is `pid` in `rel` or below? Read from /proc/<pid>/cgroup (False if no such pid)."""
+
+    @abc.abstractmethod
+    def usage(self, rel: str) -> Usage:
+        """Current usage and limits of `rel`."""
+
+    @abc.abstractmethod
+    def kill(self, rel: str) -> None:
+        """SIGKILL every process in `rel` and below; returns once it is empty."""
+
+    @abc.abstractmethod
+    def release(self, rel: str) -> None:
+        """Kill leftovers and remove `rel` and its children; no error if absent."""
+
+    @abc.abstractmethod
+    def exists(self, rel: str) -> bool:
+        """Does the cgroup exist?"""
+
+    @abc.abstractmethod
+    def children(self, rel: str) -> list[str]:
+        """Names of the child cgroups of `rel` ("" = the base), sorted."""
+
+    @abc.abstractmethod
+    def path(self, rel: str) -> str:
+        """Host path of the cgroup, for display (v1: the memory controller's dir)."""
+
+    @abc.abstractmethod
+    def enter_leaf(self, leaf: str) -> None:
+        """Move the calling process into base/`leaf` (v2's no-internal-processes rule)."""
