@@ -1,0 +1,371 @@
+"""The keeper: one small process per agent that outlives the daemon.
+
+It holds the PTY master of the agent's session, owns the sandbox's PID 1 (so it
+alone can waitpid() it and learn the exit status), keeps a bounded scrollback
+ring and a rotated session log, and serves its unix socket to the daemon
+(which may come and go: containerd's shims and podman's conmon do the same).
+
+It is deliberately plain: selectors, no asyncio, no pyroute2, no pyte — every
+keeper is resident for the agent's whole life, so its memory is multiplied by
+the number of agents.
+
+Run as ``python -m supervisor.keeper --spec FILE --socket PATH --log PATH
+--status PATH [--cgroup-parent P]``. It prints one JSON line on stdout when the
+sandbox runs ({"init_pid", "init_start"}) or an error line and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import pty
+import selectors
+import signal
+import socket
+import struct
+import sys
+import termios
+import time
+from collections import deque
+from pathlib import Path
+
+from supervisor import keeper_proto as kp
+
+#: Scrollback kept in memory for newly subscribing clients (the daemon rebuilds
+#: its screen model from it after a restart).
+RING_BYTES = 512 * 1024
+#: The session log rotates at this size (one previous file is kept).
+LOG_BYTES = 8 * 1024 * 1024
+#: A client that does not read this much pending output is dropped, so a
+#: stalled daemon connection never blocks the agent.
+CLIENT_BACKLOG = 4 * 1024 * 1024
+#: Keystrokes buffered for a PTY that is not reading (agent busy).
+INPUT_BACKLOG = 1024 * 1024
+
+
+class Ring:
+    """A bounded byte ring: appends, and hands back the newest RING_BYTES."""
+
+    def __init__(self, cap: int = RING_BYTES) -> None:
+        self.cap = cap
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+
+    def append(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        while self._size - len(self._chunks[0]) >= self.cap:
+            self._size -= len(self._chunks.popleft())
+
+    def get(self) -> bytes:
+        data = b"".join(self._chunks)
+        return data[-self.cap :]
+
+
+class SessionLog:
+    """Append-only session log with one rotation, so it never grows unbounded."""
+
+    def __init__(self, path: str, cap: int = LOG_BYTES) -> None:
+        self.path = path
+        self.cap = cap
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self._size = os.fstat(self._fd).st_size
+
+    def write(self, data: bytes) -> None:
+        if self._size + len(data) > self.cap:
+            os.close(self._fd)
+            Path(self.path).replace(self.path + ".1")
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                               0o600)
+            self._size = 0
+        with contextlib.suppress(OSError):
+            os.write(self._fd, data)
+            self._size += len(data)
+
+
+class Client:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = kp.FrameReader()
+        self.out = bytearray()
+        self.subscribed = False
+
+
+class Keeper:
+    def __init__(self, master: int, init_pid: int, init_start: float, log: SessionLog,
+                 listener: socket.socket, status_path: str) -> None:
+        self.master = master
+        self.init_pid = init_pid
+        self.init_start = init_start
+        self.log = log
+        self.ring = Ring()
+        self.listener = listener
+        self.status_path = status_path
+        self.sel = selectors.DefaultSelector()
+        self.clients: dict[int, Client] = {}
+        self.pty_in = bytearray()
+        self.exit_status: int | None = None
+        self.pidfd = os.pidfd_open(init_pid)
+        self.size = (80, 24)
+
+    # --- the loop ---
+    def run(self) -> int:
+        os.set_blocking(self.master, False)
+        self.listener.setblocking(False)
+        self.sel.register(self.master, selectors.EVENT_READ, "pty")
+        self.sel.register(self.listener, selectors.EVENT_READ, "listen")
+        self.sel.register(self.pidfd, selectors.EVENT_READ, "pidfd")
+        pty_open = True
+        while True:
+            for key, events in self.sel.select(timeout=5.0):
+                tag = key.data
+                if tag == "pty":
+                    if events & selectors.EVENT_READ and not self._read_pty():
+                        self.sel.unregister(self.master)
+                        pty_open = False
+                    elif events & selectors.EVENT_WRITE:
+                        self._flush_pty()
+                elif tag == "listen":
+                    self._accept()
+                elif tag == "pidfd":
+                    self._reap()
+                elif isinstance(tag, Client):
+                    self._client_event(tag, events)
+            if self.exit_status is not None:
+                # Drain what the session printed last, then tell everyone.
+                while pty_open and self._read_pty():
+                    pass
+                self._finish()
+                return 0
+
+    def _read_pty(self) -> bool:
+        try:
+            data = os.read(self.master, 65536)
+        except BlockingIOError:
+            return True
+        except OSError as e:
+            # EIO: every slave is closed (the session exited).
+            if e.errno == errno.EIO:
+                return False
+            raise
+        if not data:
+            return False
+        self.ring.append(data)
+        self.log.write(data)
+        self._broadcast(kp.frame(kp.OUTPUT, data))
+        return True
+
+    def _flush_pty(self) -> None:
+        try:
+            n = os.write(self.master, self.pty_in)
+            del self.pty_in[:n]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.pty_in.clear()
+        self._update_pty_interest()
+
+    def _update_pty_interest(self) -> None:
+        mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.pty_in else 0)
+        with contextlib.suppress(KeyError):
+            self.sel.modify(self.master, mask, "pty")
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        sock.setblocking(False)
+        client = Client(sock)
+        self.clients[sock.fileno()] = client
+        self.sel.register(sock, selectors.EVENT_READ, client)
+
+    def _client_event(self, c: Client, events: int) -> None:
+        if events & selectors.EVENT_WRITE:
+            self._flush_client(c)
+        if events & selectors.EVENT_READ:
+            try:
+                data = c.sock.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._drop(c)
+                return
+            try:
+                frames = c.reader.feed(data)
+            except ValueError:
+                self._drop(c)
+                return
+            for kind, payload in frames:
+                self._handle(c, kind, payload)
+
+    def _handle(self, c: Client, kind: bytes, payload: bytes) -> None:
+        if kind == kp.HELLO:
+            c.subscribed = True
+            self._send(c, kp.frame(kp.BACKLOG, self.ring.get()))
+        elif kind == kp.INPUT:
+            if len(self.pty_in) + len(payload) <= INPUT_BACKLOG:
+                self.pty_in += payload
+                self._flush_pty()
+        elif kind == kp.RESIZE:
+            try:
+                d = json.loads(payload)
+                cols, rows = int(d["cols"]), int(d["rows"])
+            except (ValueError, KeyError, TypeError):
+                return
+            cols, rows = max(1, min(cols, 1000)), max(1, min(rows, 500))
+            self.size = (cols, rows)
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(self.master, termios.TIOCSWINSZ,
+                            struct.pack("HHHH", rows, cols, 0, 0))
+        elif kind == kp.STATUS:
+            self._send(c, kp.frame(kp.STATE, json.dumps(self._state()).encode()))
+        elif kind == kp.SIGNAL:
+            try:
+                sig = int(json.loads(payload)["signal"])
+            except (ValueError, KeyError, TypeError):
+                return
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, sig)
+
+    def _state(self) -> dict[str, object]:
+        return {"keeper_pid": os.getpid(), "init_pid": self.init_pid,
+                "init_start": self.init_start, "cols": self.size[0], "rows": self.size[1],
+                "exit_status": self.exit_status, "clients": len(self.clients)}
+
+    def _broadcast(self, data: bytes) -> None:
+        for c in list(self.clients.values()):
+            if c.subscribed:
+                self._send(c, data)
+
+    def _send(self, c: Client, data: bytes) -> None:
+        if len(c.out) + len(data) > CLIENT_BACKLOG:
+            self._drop(c)
+            return
+        c.out += data
+        self._flush_client(c)
+
+    def _flush_client(self, c: Client) -> None:
+        try:
+            n = c.sock.send(c.out)
+            del c.out[:n]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._drop(c)
+            return
+        mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.out else 0)
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.modify(c.sock, mask, c)
+
+    def _drop(self, c: Client) -> None:
+        self.clients.pop(c.sock.fileno(), None)
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(c.sock)
+        c.sock.close()
+
+    def _reap(self) -> None:
+        try:
+            pid, status = os.waitpid(self.init_pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.init_pid, 255 << 8
+        if pid == 0:
+            return
+        self.exit_status = os.waitstatus_to_exitcode(status)
+        if self.exit_status < 0:
+            self.exit_status = 128 - self.exit_status
+
+    def _finish(self) -> None:
+        result = {"exit_status": self.exit_status, "ended": time.time()}
+        write_json_atomic(self.status_path, result)
+        self._broadcast(kp.frame(kp.EXIT, json.dumps({"status": self.exit_status}).encode()))
+        # Give subscribers a moment to read the last frames, bounded.
+        deadline = time.monotonic() + 1.0
+        while any(c.out for c in self.clients.values()) and time.monotonic() < deadline:
+            for key, events in self.sel.select(timeout=0.1):
+                if isinstance(key.data, Client):
+                    self._client_event(key.data, events)
+        for c in list(self.clients.values()):
+            self._drop(c)
+
+
+def write_json_atomic(path: str, data: object) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with Path(tmp).open("w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    Path(tmp).replace(path)
+
+
+def _listen(path: str) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        Path(path).unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(16)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="corral-keeper")
+    ap.add_argument("--spec", required=True)
+    ap.add_argument("--socket", required=True)
+    ap.add_argument("--log", required=True)
+    ap.add_argument("--status", required=True)
+    ap.add_argument("--cgroup-parent", default=None)
+    ap.add_argument("--cols", type=int, default=80)
+    ap.add_argument("--rows", type=int, default=24)
+    args = ap.parse_args(argv)
+
+    # The daemon's death must not take us along: ignore the signals a closing
+    # terminal or process group would deliver.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    os.chdir("/")
+
+    from sandbox import process
+    from sandbox.cgroups import detect
+    from sandbox.errors import CorralError
+    from sandbox.spec import SandboxSpec
+
+    spec = SandboxSpec.from_json(Path(args.spec).read_text())
+    with contextlib.suppress(FileNotFoundError):
+        Path(args.status).unlink()
+    master, slave = pty.openpty()
+    os.set_inheritable(master, False)
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", args.rows, args.cols, 0, 0))
+    listener = _listen(args.socket)
+    try:
+        cg = detect(args.cgroup_parent)
+        started = process.start(spec, stdin=slave, stdout=slave, stderr=slave, ctty=True,
+                                cgroups=cg)
+    except CorralError as e:
+        print(json.dumps({"error": str(e), "hint": e.hint}), flush=True)
+        return 1
+    os.close(slave)
+    log = SessionLog(args.log)
+    keeper = Keeper(master, started.init_pid, started.start_time, log, listener, args.status)
+    keeper.size = (args.cols, args.rows)
+    print(json.dumps({"init_pid": started.init_pid, "init_start": started.start_time,
+                      "keeper_pid": os.getpid()}), flush=True)
+    # Our stdout is a pipe to the daemon that may go away: detach from it.
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    return keeper.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The terminal-state model of a session: pyte screen in, ANSI repaint out.
+
+A newly attached client must see the current screen, not a raw replay of old
+bytes (which garbles full-screen programs). We feed the session's output into a
+pyte screen and, on attach, render that screen back as a compact ANSI repaint.
+
+Feeding pyte is the expensive part (pure Python), so output is queued raw and
+only parsed when a snapshot is needed or the queue grows; if an agent floods
+its terminal, older queued output is discarded and the screen rebuilt from the
+newest tail — the final screen of a flood is decided by its last bytes, and the
+daemon's CPU stays bounded.
+"""
+
+from __future__ import annotations
+
+import pyte
+import pyte.graphics
+
+#: Parse queued output once this much is waiting.
+FEED_AT = 256 * 1024
+#: Beyond this much unparsed output, only the newest TAIL bytes are parsed.
+FLOOD_AT = 2 * 1024 * 1024
+TAIL = 256 * 1024
+
+_FG = {v: k for k, v in {**pyte.graphics.FG_ANSI, **pyte.graphics.FG_AIXTERM}.items()}
+_BG = {v: k for k, v in {**pyte.graphics.BG_ANSI, **pyte.graphics.BG_AIXTERM}.items()}
+
+
+def _color(value: str, table: dict[str, int], truecolor: int) -> str | None:
+    if value == "default":
+        return None
+    if value in table:
+        return str(table[value])
+    if len(value) == 6:
+        try:
+            r, g, b = (int(value[i : i + 2], 16) for i in (0, 2, 4))
+        except ValueError:
+            return None
+        return f"{truecolor};2;{r};{g};{b}"
+    return None
+
+
+def _sgr(ch: pyte.screens.Char) -> str:
+    parts = ["0"]
+    if ch.bold:
+        parts.append("1")
+    if ch.italics:
+        parts.append("3")
+    if ch.underscore:
+        parts.append("4")
+    if ch.blink:
+        parts.append("5")
+    if ch.reverse:
+        parts.append("7")
+    if ch.strikethrough:
+        parts.append("9")
+    fg = _color(ch.fg, _FG, 38)
+    if fg:
+        parts.append(fg)
+    bg = _color(ch.bg, _BG, 48)
+    if bg:
+        parts.append(bg)
+    return "\x1b[" + ";".join(parts) + "m"
+
+
+class ScreenModel:
+    def __init__(self, cols: int = 80, rows: int = 24) -> None:
+        self.screen = pyte.Screen(cols, rows)
+        self.stream = pyte.ByteStream(self.screen)
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.screen.columns, self.screen.lines
+
+    def feed(self, data: bytes) -> None:
+        self._pending.append(data)
+        self._pending_size += len(data)
+        many = self._pending_size >= FEED_AT and len(self._pending) > 1
+        if self._pending_size >= FLOOD_AT or many:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_size = 0
+        if len(data) > FLOOD_AT:
+            # A flood: start from a clean screen and keep only the tail.
+            self.screen.reset()
+            data = data[-TAIL:]
+        self.stream.feed(data)
+
+    def resize(self, cols: int, rows: int) -> None:
+        self._flush()
+        self.screen.resize(rows, cols)
+
+    def render(self) -> bytes:
+        """ANSI bytes that repaint the current screen on a fresh terminal."""
+        self._flush()
+        s = self.screen
+        out = ["\x1b[0m\x1b[H\x1b[2J"]
+        for y in range(s.lines):
+            row = s.buffer[y]
+            # Trailing default blanks need no painting.
+            last = -1
+            for x in range(s.columns):
+                ch = row[x]
+                if ch.data not in (" ", "") or _sgr(ch) != "\x1b[0m":
+                    last = x
+            if last < 0:
+                continue
+            out.append(f"\x1b[{y + 1};1H")
+            cur = ""
+            for x in range(last + 1):
+                ch = row[x]
+                sgr = _sgr(ch)
+                if sgr != cur:
+                    out.append(sgr)
+                    cur = sgr
+                out.append(ch.data)
+            out.append("\x1b[0m")
+        out.append(f"\x1b[{s.cursor.y + 1};{s.cursor.x + 1}H")
+        out.append("\x1b[?25l" if s.cursor.hidden else "\x1b[?25h")
+        return "".join(out).encode("utf-8", "replace")
+
+    def text(self) -> list[str]:
+        """The screen as plain lines (for tests and `inspect`)."""
+        self._flush()
+        return list(self.screen.display)
