@@ -41,11 +41,17 @@ def cgroup_mounts(mountinfo: str = "/proc/self/mountinfo") -> tuple[str | None, 
     return v2, v1
 
 
-def detect(parent: str | None = None) -> CgroupDriver:
-    """The driver for this host, rooted at our own cgroup (+ `parent`, created lazily)."""
+def detect(parent: str | None = None, own: dict[str, str] | None = None) -> CgroupDriver:
+    """The driver for this host, rooted at our own cgroup (+ `parent`, created lazily).
+
+    `own` overrides /proc/self/cgroup: the daemon hands its own (pre-leaf) map
+    to the keepers it starts, so every keeper roots its driver where the
+    daemon's is, whichever cgroup the keeper itself runs in.
+    """
     if parent:
         check_rel(parent)
-    own = read_proc_cgroup("self")
+    if own is None:
+        own = read_proc_cgroup("self")
     v2_mount, v1_mounts = cgroup_mounts()
     if v2_mount is not None and "" in own:
         ctrl_file = pjoin(v2_mount, own[""].lstrip("/"), "cgroup.controllers")
