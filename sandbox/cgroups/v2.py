@@ -17,6 +17,7 @@ against a temporary directory laid out like cgroupfs.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -154,18 +155,19 @@ class V2Driver(CgroupDriver):
         d = self._dir(cg)
         mkdirs(d)
         for fname, value in plan_limits(limits):
-            f = pjoin(d, fname)
-            if fname == "memory.swap.max" and not path_exists(f) \
-                    and path_exists(pjoin(d, "memory.max")):
-                # Kernels built without swap accounting have no memory.swap.max;
-                # without swap there is nothing to limit.
-                log.debug("no %s (no swap accounting); skipped", f)
-                continue
-            write_text(f, value)
+            try:
+                write_text(pjoin(d, fname), value)
+            except KernelError as e:
+                # Kernels built without swap accounting have no memory.swap.max (and
+                # cgroupfs refuses to create it): without swap there is nothing to limit.
+                if fname != "memory.swap.max" or e.errno not in (errno.ENOENT, errno.EACCES,
+                                                                 errno.EPERM):
+                    raise
+                log.debug("no %s/memory.swap.max (no swap accounting); skipped", d)
         log.debug("cgroup v2 %s prepared with %s", d, limits)
 
     def add(self, rel: str, pid: int) -> None:
-        write_text(pjoin(self.path(rel), "cgroup.procs"), str(int(pid)))
+        write_text(pjoin(self._dir(self._cg(rel)), "cgroup.procs"), str(int(pid)))
 
     def enter_leaf(self, leaf: str) -> None:
         check_rel(leaf)
@@ -216,7 +218,7 @@ class V2Driver(CgroupDriver):
     # --- teardown ------------------------------------------------------------
 
     def kill(self, rel: str) -> None:
-        d = self.path(rel)
+        d = self._dir(self._cg(rel))  # never the base: that holds the daemon
         if not is_dir(d):
             return
         deadline = time.monotonic() + KILL_TIMEOUT
@@ -259,7 +261,7 @@ class V2Driver(CgroupDriver):
             delay = min(delay * 2, 0.05)
 
     def release(self, rel: str) -> None:
-        d = self.path(rel)
+        d = self._dir(self._cg(rel))  # never the base: that holds the daemon
         if not is_dir(d):
             return
         if self.procs(rel):
