@@ -6,7 +6,7 @@ daemon never has a merged view. It walks the UPPER directory directly and
 compares each entry with the same path in the lower one, following the
 overlayfs conventions (Documentation/filesystems/overlayfs.rst):
 
-- a whiteout (char device 0:0, or a zero-size file carrying the
+- a whiteout (char device 0:0, or a fifo / zero-size file carrying the
   ``<prefix>whiteout`` xattr) deletes the lower entry of that name;
 - an opaque directory (``<prefix>opaque`` = "y") hides everything the lower
   directory had: lower entries missing from it are deleted;
@@ -255,7 +255,9 @@ class _Walker:
     def is_whiteout(self, dirfd: int, name: bytes, st: os.stat_result) -> bool:
         if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
             return True
-        return (stat.S_ISREG(st.st_mode) and st.st_size == 0
+        # The alternative form (Linux 6.7+, made by image tools, not by overlayfs
+        # itself): a fifo or empty file carrying the overlay "whiteout" xattr.
+        return ((stat.S_ISFIFO(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_size == 0))
                 and b"whiteout" in _xattrs(dirfd, name, self.prefix))
 
     def check_supported(self, dirfd: int, name: bytes) -> dict[bytes, bytes]:

@@ -58,7 +58,6 @@ class _Repo:
             env["HOME"] = pwd.getpwuid(self.uid).pw_dir
         except KeyError:
             env.pop("HOME", None)
-        env["GIT_LITERAL_PATHSPECS"] = "1"
         env["GIT_TERMINAL_PROMPT"] = "0"
         if index is not None:
             env["GIT_INDEX_FILE"] = index
@@ -90,7 +89,12 @@ def _open_repo(project: str) -> _Repo | None:
     cp = _git(probe, project, ["rev-parse", "--show-toplevel", "--show-prefix"],
               env=probe.env(), check=False)
     if cp.returncode != 0:
-        return None
+        err = cp.stderr.decode(errors="replace").strip()
+        if "not a git repository" in err:
+            return None
+        raise CorralError(f"cannot inspect the git repository of {project}: {err}",
+                          hint="git runs as the project's owner (uid "
+                          f"{st.st_uid}), who must be able to reach it")
     lines = cp.stdout.split(b"\n")
     top = os.fsdecode(lines[0])
     gst = Path(top).stat()
@@ -218,7 +222,8 @@ def _tree_entries_under(repo: _Repo, env: dict[str, str], tree: str,
     for i in range(0, len(dirs), 200):
         args = ["ls-tree", "-r", "-z", "--name-only", "--full-tree", tree, "--"]
         args += [os.fsdecode(d + b"/") for d in dirs[i:i + 200]]
-        cp = _git(repo, repo.top, args, env=env)
+        # Directory names may hold glob characters: match them literally.
+        cp = _git(repo, repo.top, args, env={**env, "GIT_LITERAL_PATHSPECS": "1"})
         out += [p for p in cp.stdout.split(b"\0") if p]
     return out
 
