@@ -150,6 +150,12 @@ class V2Driver(CgroupDriver):
 
     def prepare(self, rel: str, limits: Limits) -> None:
         cg = self._cg(rel)
+        missing = [c for c in NEEDED if c not in self._available()]
+        if missing:
+            raise HostSetupError(
+                f"cgroup v2 controllers {', '.join(missing)} are not available in "
+                f"{self._dir(self.own)}",
+                hint="delegate them to corral (systemd: Delegate=yes) or use the v1 driver")
         parent_cg = cg.rsplit("/", 1)[0] or "/"
         self._enable_subtree(self.own, parent_cg)
         d = self._dir(cg)
@@ -235,17 +241,17 @@ class V2Driver(CgroupDriver):
         # so the SIGKILLs are delivered. Repeat until nothing is left.
         freeze = pjoin(d, "cgroup.freeze")
         while True:
-            pids = self.procs_dir(d)
+            pids = self._procs_dir(d)
             if not pids:
                 return
             write_text(freeze, "1")
-            sigkill(self.procs_dir(d))
+            sigkill(self._procs_dir(d))
             write_text(freeze, "0")
             if time.monotonic() > deadline:
                 return
             time.sleep(0.01)
 
-    def procs_dir(self, d: str) -> list[int]:
+    def _procs_dir(self, d: str) -> list[int]:
         out: set[int] = set()
         for sub in walk_dirs(d):
             out.update(read_pids(pjoin(sub, "cgroup.procs")))

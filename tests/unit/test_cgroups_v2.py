@@ -9,7 +9,7 @@ import pytest
 
 from sandbox.cgroups.base import Usage
 from sandbox.cgroups.v2 import V2Driver, plan_limits
-from sandbox.errors import CorralError
+from sandbox.errors import CorralError, HostSetupError
 from sandbox.spec import Limits
 
 OWN = "/system.slice/corral.service"
@@ -71,12 +71,12 @@ def test_prepare_writes_limits_and_enables_controllers(fake: Path) -> None:
     assert d.children("") == ["agents"]
 
 
-def test_prepare_only_enables_what_is_available(fake: Path) -> None:
+def test_prepare_refuses_missing_controllers(fake: Path) -> None:
     (fake / OWN.lstrip("/") / "cgroup.controllers").write_text("memory pids\n")
     d = V2Driver(str(fake), OWN)
-    d.prepare("a", Limits())
-    sc = (fake / OWN.lstrip("/") / "cgroup.subtree_control").read_text().split()
-    assert sorted(sc) == ["+memory", "+pids"]
+    with pytest.raises(HostSetupError, match="cpu"):
+        d.prepare("a", Limits())
+    assert not d.exists("a")
 
 
 def test_prepare_is_idempotent_and_updates(fake: Path) -> None:
