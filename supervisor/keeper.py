@@ -324,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log", required=True)
     ap.add_argument("--status", required=True)
     ap.add_argument("--cgroup-parent", default=None)
+    ap.add_argument("--cgroup-own", default=None, help="the daemon's /proc/self/cgroup map (JSON)")
     ap.add_argument("--cols", type=int, default=80)
     ap.add_argument("--rows", type=int, default=24)
     args = ap.parse_args(argv)
@@ -347,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", args.rows, args.cols, 0, 0))
     listener = _listen(args.socket)
     try:
-        cg = detect(args.cgroup_parent)
+        own = json.loads(args.cgroup_own) if args.cgroup_own else None
+        cg = detect(args.cgroup_parent, own=own)
         started = process.start(spec, stdin=slave, stdout=slave, stderr=slave, ctty=True,
                                 cgroups=cg)
     except CorralError as e:
