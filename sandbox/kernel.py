@@ -198,3 +198,24 @@ def sethostname(name: str) -> None:
     raw = name.encode()
     if _libc.sethostname(raw, ctypes.c_size_t(len(raw))) != 0:
         raise _fail(f"sethostname({name!r})")
+
+
+# --- prctl (linux/prctl.h): the two calls python-prctl does not offer ---
+PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    """prctl(2), raw."""
+    r = _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
+                    ctypes.c_ulong(arg4), ctypes.c_ulong(arg5))
+    if r < 0:
+        raise _fail(f"prctl({option}, {arg2}, {arg3})")
+    return int(r)
+
+
+def cap_last_cap() -> int:
+    """Highest capability number this kernel knows (may exceed libcap's list)."""
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        return int(f.read())
