@@ -22,7 +22,6 @@ import errno
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from cgroupspy.controllers import (
@@ -49,7 +48,7 @@ from sandbox.cgroups.base import (
     sigkill,
     walk_dirs,
 )
-from sandbox.errors import CorralError, HostSetupError, KernelError
+from sandbox.errors import CorralError, HostSetupError, KernelError, NotFound
 from sandbox.spec import Limits
 
 log = logging.getLogger(__name__)
@@ -105,6 +104,7 @@ class V1Driver(CgroupDriver):
         self.mounts = {c: mounts[c].rstrip("/") for c in self.ctrls}
         self.parent_parts = check_rel(parent) if parent else []
         #: hierarchy path of the base in each controller, e.g. "/process_api/abc/corral-x"
+        self.own_cg = {c: join_cg(own[c]) for c in self.ctrls}
         self.base_cg = {c: join_cg(own[c], *self.parent_parts) for c in self.ctrls}
         self.proc = proc
 
@@ -117,11 +117,12 @@ class V1Driver(CgroupDriver):
         return self.mounts[ctrl] + self._cg(ctrl, rel, allow_base).rstrip("/")
 
     def _node(self, ctrl: str, rel: str, create: bool = False) -> Node:
-        """A cgroupspy Node for `rel` in `ctrl`'s hierarchy (creating it and its parents)."""
-        mount = self.mounts[ctrl]
-        root = Node(str(Path(mount).parent))
-        node = Node(Path(mount).name, parent=root)
-        for comp in [c for c in self._cg(ctrl, rel, allow_base=True).split("/") if c]:
+        """A cgroupspy Node for `rel` in `ctrl`'s hierarchy (creating it and its parents).
+
+        The chain starts at our own cgroup, so nothing above it is ever created.
+        """
+        node = Node(self.mounts[ctrl] + self.own_cg[ctrl].rstrip("/"))
+        for comp in [*self.parent_parts, *check_rel(rel, allow_base=True)]:
             # create_cgroup is a mkdir that tolerates EEXIST
             node = node.create_cgroup(comp) if create else Node(comp, parent=node)
         return node
@@ -139,7 +140,11 @@ class V1Driver(CgroupDriver):
 
     def prepare(self, rel: str, limits: Limits) -> None:
         check_rel(rel)
-        ctls = {c: self._ctl(c, rel, create=True) for c in self.ctrls}
+        try:
+            ctls = {c: self._ctl(c, rel, create=True) for c in self.ctrls}
+        except OSError as e:
+            raise KernelError(f"creating cgroup {rel!r} failed: {e}", errno=e.errno or 0,
+                              hint="our own cgroup must exist and be writable (root)") from e
         has_memsw = path_exists(pjoin(self._dir("memory", rel),
                                                 "memory.memsw.limit_in_bytes"))
         ops = plan_limits(limits, has_memsw)
@@ -202,7 +207,8 @@ class V1Driver(CgroupDriver):
             return []
 
     def usage(self, rel: str) -> Usage:
-        check_rel(rel, allow_base=True)
+        if not is_dir(self._dir("memory", rel, allow_base=True)):
+            raise NotFound(f"cgroup {self.path(rel)} does not exist")
         mem = self._ctl("memory", rel)
         try:
             limit = int(mem.get_property(b"memory.limit_in_bytes"))

@@ -41,7 +41,7 @@ from sandbox.cgroups.base import (
     walk_dirs,
     write_text,
 )
-from sandbox.errors import CorralError, HostSetupError, KernelError
+from sandbox.errors import CorralError, HostSetupError, KernelError, NotFound
 from sandbox.spec import Limits
 
 log = logging.getLogger(__name__)
@@ -205,6 +205,8 @@ class V2Driver(CgroupDriver):
 
     def usage(self, rel: str) -> Usage:
         d = self.path(rel)
+        if not is_dir(d):
+            raise NotFound(f"cgroup {d} does not exist")
 
         def rd(name: str) -> str:
             return read_text(pjoin(d, name))

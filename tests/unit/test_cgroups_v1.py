@@ -11,7 +11,7 @@ import pytest
 from sandbox.cgroups import cgroup_mounts
 from sandbox.cgroups.base import Usage, parse_proc_cgroup, path_within
 from sandbox.cgroups.v1 import V1Driver, plan_limits
-from sandbox.errors import CorralError, HostSetupError
+from sandbox.errors import CorralError, HostSetupError, NotFound
 from sandbox.spec import Limits
 
 CTRLS = ("memory", "cpu", "cpuacct", "pids", "freezer")
@@ -209,3 +209,20 @@ def test_cgroup_mounts(tmp_path: Path) -> None:
     assert v1 == {"cpu": "/sys/fs/cgroup/cpu,cpuacct", "cpuacct": "/sys/fs/cgroup/cpu,cpuacct",
                   "memory": "/sys/fs/cgroup/memory", "pids": "/sys/fs/cgroup/pids",
                   "freezer": "/sys/fs/cgroup/freezer"}
+
+
+def test_usage_of_a_missing_cgroup_is_not_found(tmp_path: Path) -> None:
+    d = make_fake(tmp_path)
+    with pytest.raises(NotFound):
+        d.usage("nope")
+
+
+def test_nothing_is_created_above_our_own_cgroup(tmp_path: Path) -> None:
+    mounts = {c: str(tmp_path / c) for c in CTRLS}
+    for c in CTRLS:
+        (tmp_path / c).mkdir()
+    d = V1Driver(mounts, OWN, parent="corral-t")
+    # memory's own cgroup (/process_api/abc) does not exist: refuse, never mkdir it.
+    with pytest.raises(CorralError, match="creating cgroup"):
+        d.prepare("s1", Limits())
+    assert not (tmp_path / "memory/process_api").exists()

@@ -9,7 +9,7 @@ import pytest
 
 from sandbox.cgroups.base import Usage
 from sandbox.cgroups.v2 import V2Driver, plan_limits
-from sandbox.errors import CorralError, HostSetupError
+from sandbox.errors import CorralError, HostSetupError, NotFound
 from sandbox.spec import Limits
 
 OWN = "/system.slice/corral.service"
@@ -184,3 +184,8 @@ def test_rel_paths_are_validated(fake: Path, rel: str) -> None:
 def test_parent_is_validated(fake: Path) -> None:
     with pytest.raises(CorralError):
         V2Driver(str(fake), OWN, parent="../escape")
+
+
+def test_usage_of_a_missing_cgroup_is_not_found(fake: Path) -> None:
+    with pytest.raises(NotFound):
+        V2Driver(str(fake), OWN).usage("nope")
