@@ -11,7 +11,8 @@ IPRoute(netns=...) because each forks a helper process (6-8 ms apiece, DESIGN.md
 The veth pair is created from inside the namespace with its peer placed straight
 into the host namespace (IFLA_NET_NS_FD), so nothing has to be moved or renamed.
 Inside: lo and eth0 up, the sandbox address on eth0, a default route via the
-host side. Nothing else: forwarding, NAT and the egress policy belong to a later
+host side, and (unless the spec asks for IPv6) no IPv6 on either end of the veth,
+not even link-local. Nothing else: forwarding, NAT and the egress policy belong to a later
 layer.
 
 Teardown drops the namespace (umount + unlink): the kernel then reaps the veth
@@ -201,6 +202,18 @@ def _add_addr(ipr: Any, index: int, iface: Iface) -> None:
             raise
 
 
+def _sysctl(key: str, value: str) -> None:
+    """Write a net sysctl. /proc/sys/net belongs to the opening thread's namespace."""
+    path = Path("/proc/sys") / key
+    if not path.parent.exists():  # kernel without IPv6: nothing to disable
+        return
+    try:
+        path.write_text(value)
+    except OSError as e:
+        raise KernelError(f"write {value!r} to {path} failed: {e.strerror}",
+                          errno=e.errno or 0) from e
+
+
 def _nl(what: str, e: NetlinkError) -> KernelError:
     return KernelError(f"{what} failed: {os.strerror(e.code)}", errno=e.code)
 
@@ -242,6 +255,11 @@ def _prepare(net: Network, addr: Iface, gw: Iface) -> None:
                 raise Conflict(f"{net.netns_path} already has an {INSIDE_IFNAME} that is not "
                                f"paired with {net.veth_host}")
             else:
+                if not net.ipv6:
+                    # eth0 must come up without IPv6 (not even link-local, which would
+                    # reach the host side before any policy exists): new interfaces
+                    # take "default". lo keeps ::1, which local services may bind.
+                    _sysctl("net/ipv6/conf/default/disable_ipv6", "1")
                 try:
                     ipr.link("add", ifname=INSIDE_IFNAME, kind="veth",
                              peer={"ifname": net.veth_host, "net_ns_fd": host_fd})
@@ -260,6 +278,8 @@ def _prepare(net: Network, addr: Iface, gw: Iface) -> None:
             if not links:
                 raise KernelError(f"veth {net.veth_host} vanished while preparing "
                                   f"{net.netns_path}")
+            if not net.ipv6:
+                _sysctl(f"net/ipv6/conf/{net.veth_host}/disable_ipv6", "1")
             _add_addr(ipr, links[0], gw)
             ipr.link("set", index=links[0], state="up")
     except BaseException:

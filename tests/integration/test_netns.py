@@ -93,6 +93,13 @@ def test_prepare_builds_exactly_lo_and_eth0(nets: list[Network], tmp_path: Path,
     assert [(i["local"], i["prefixlen"]) for i in host["addr_info"]] == [  # type: ignore
         (net.gateway.split("/")[0], 30)]
 
+    # No IPv6 on either end of the veth (not even link-local) unless asked for; lo keeps ::1.
+    v6 = {str(x["ifname"]): x["addr_info"] for x in ip_json(net, "-6", "addr")}
+    assert v6.get("eth0", []) == []
+    assert [i["local"] for i in v6["lo"]] == ["::1"]  # type: ignore[attr-defined]
+    host6 = ip_json(None, "-6", "addr", "show", "dev", net.veth_host)
+    assert all(x["addr_info"] == [] for x in host6)
+
     # Positive control: the gateway answers from inside.
     r = inside(net, "ping", "-c", "1", "-W", "10", net.gateway.split("/")[0])
     assert r.returncode == 0, r.stdout + r.stderr
