@@ -738,10 +738,11 @@ class Manager:
         row, spec, _ = self._running(name)
         if not argv:
             raise CorralError("exec needs a command")
-        full_env = dict(spec.env)
-        full_env.update(env)
+        extra = dict(env)
         if tty:
-            full_env["TERM"] = tty[0]
+            extra["TERM"] = tty[0]
+        full_env = process.workload_env(spec, extra)
+        if tty:
             master, slave = pty.openpty()
             fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", tty[2], tty[1], 0, 0))
             try:

@@ -160,9 +160,7 @@ class ServiceSet:
             return None
 
     def _env(self, st: SvcState) -> dict[str, str]:
-        env = dict(self.spec.env)
-        env.update(dict(st.svc.env))
-        return env
+        return process.workload_env(self.spec, dict(st.svc.env))
 
     def _cwd(self) -> str:
         return self.spec.workspace.inside if self.spec.workspace.mode != "none" else "/home/agent"
