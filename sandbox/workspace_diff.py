@@ -631,12 +631,17 @@ def path_to_str(path: bytes) -> str:
 
 
 def to_json(chs: list[Change]) -> list[dict[str, object]]:
-    """CONTRACT.md's `diff --json` items; a path that is not UTF-8 also gets "path_b64"."""
+    """CONTRACT.md's `diff --json` items; a path that is not UTF-8 also gets "path_b64".
+
+    "path" is for people (invalid bytes shown as \\xNN); "path_b64", present
+    exactly when the raw path is not UTF-8, gives the bytes back (from_json_path)."""
     out: list[dict[str, object]] = []
     for c in chs:
+        om, nm = git_mode(c.old_mode), git_mode(c.new_mode)
+        # Modes as git prints them ("100644"), None when absent.
         item: dict[str, object] = {"path": path_to_str(c.path), "kind": c.kind, "type": c.type,
-                                   "old_mode": git_mode(c.old_mode),
-                                   "new_mode": git_mode(c.new_mode)}
+                                   "old_mode": None if om is None else f"{om:06o}",
+                                   "new_mode": None if nm is None else f"{nm:06o}"}
         try:
             c.path.decode("utf-8")
         except UnicodeDecodeError:

@@ -303,8 +303,11 @@ def commit(project: str, upper: str, base: str, branch: str, message: str,
             mode = wd.git_mode(c.new_mode)
             info.append(b"%o %s\t%s\0" % (mode or 0o100644, oid.encode(), repo.prefix + c.path))
         if info:
-            _git(repo, repo.top, ["update-index", "-z", "--index-info"],
-                 input=b"".join(info), env=env)
+            cp = _git(repo, repo.top, ["update-index", "-z", "--index-info"],
+                      input=b"".join(info), env=env)
+            # git skips (and names) paths it refuses to track, e.g. `.GIT/x`.
+            for line in cp.stderr.decode(errors="replace").splitlines():
+                log.warning("commit: git: %s", line)
         tree = _git(repo, repo.top, ["write-tree"], env=env).stdout.decode().strip()
 
         parent_tree = _rev(repo, f"{parent}^{{tree}}")

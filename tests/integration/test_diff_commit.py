@@ -288,6 +288,8 @@ printf 'bad\\n' > "$(printf 'bad\\377\\376name')"
 mkdir -p pkg/deep && ln -s /etc pkg/deep/etc
 ln README.md hardlink
 python3 -c "import socket; s=socket.socket(socket.AF_UNIX); s.bind('sock')"
+echo refused-by-git > 'git~1'
+mkdir -p sub/.GIT && echo x > sub/.GIT/config
 """)
     chs = wd.changes(str(ws.upper), ws.lower)
     got = by_path(chs)
@@ -323,6 +325,8 @@ python3 -c "import socket; s=socket.socket(socket.AF_UNIX); s.bind('sock')"
         secret_file).encode()
     assert entries[b"new\nline"][0] == b"100644"
     assert entries[b"bad\xff\xfename"][0] == b"100644"
+    assert b"git~1" not in entries  # git refuses this name (NTFS alias of .git); skipped
+    assert b"sub/.GIT/config" not in entries
     assert b"pipe" not in entries
     assert b"chardev" not in entries
     assert b"sock" not in entries

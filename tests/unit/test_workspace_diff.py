@@ -52,7 +52,7 @@ def test_json_round_trips_odd_names() -> None:
     assert "path_b64" in items[2]
     assert "path_b64" not in items[1]
     assert items[0] == {"path": "ok.txt", "kind": "added", "type": "file", "old_mode": None,
-                        "new_mode": 0o100644}
+                        "new_mode": "100644"}
 
 
 def test_unchanged_copies_are_not_changes(pair: tuple[Path, Path]) -> None:
