@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 IFNAMSIZ = 15
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")
 
+#: lo is ifindex 1 in every network namespace (LOOPBACK_IFINDEX in the kernel).
+LOOPBACK_IFINDEX = 1
+
 #: Inside the namespace the sandbox's interface is always called this.
 INSIDE_IFNAME = "eth0"
 
@@ -190,8 +193,13 @@ class _Netns:
 # --- netlink helpers ---------------------------------------------------------
 
 def _link(ipr: Any, ifname: str) -> Any | None:
-    idx = ipr.link_lookup(ifname=ifname)
-    return ipr.link("get", index=idx[0])[0] if idx else None
+    """The link message for `ifname`, or None (one RTM_GETLINK by name, not a dump)."""
+    try:
+        return ipr.link("get", ifname=ifname)[0]
+    except NetlinkError as e:
+        if e.code == errno.ENODEV:
+            return None
+        raise _nl(f"get link {ifname}", e) from e
 
 
 def _add_addr(ipr: Any, index: int, iface: Iface) -> None:
@@ -235,57 +243,67 @@ def prepare(net: Network) -> None:
 
 def _prepare(net: Network, addr: Iface, gw: Iface) -> None:
     mounted = _is_ns_mounted(net.netns_path)
-    with IPRoute() as ipr:
-        host = _link(ipr, net.veth_host)
-    if host is not None and not mounted:
-        raise Conflict(f"interface {net.veth_host} exists but {net.netns_path} is not its "
-                       "namespace", hint="another sandbox or program owns it; release that "
-                       "first or choose another name")
-    try:
-        with _Netns(net.netns_path, create=not mounted) as host_fd, IPRoute() as ipr:
-            eth0 = _link(ipr, INSIDE_IFNAME)
-            if host is not None:
-                # Our pair is eth0 here and veth_host there, each the other's peer.
-                if eth0 is None or eth0.get("IFLA_LINK") != host["index"] \
-                        or host.get("IFLA_LINK") != eth0["index"]:
-                    raise Conflict(f"interface {net.veth_host} is not paired with "
-                                   f"{INSIDE_IFNAME} in {net.netns_path}",
-                                   hint="another sandbox or program owns it")
-            elif eth0 is not None:
-                raise Conflict(f"{net.netns_path} already has an {INSIDE_IFNAME} that is not "
-                               f"paired with {net.veth_host}")
-            else:
-                if not net.ipv6:
-                    # eth0 must come up without IPv6 (not even link-local, which would
-                    # reach the host side before any policy exists): new interfaces
-                    # take "default". lo keeps ::1, which local services may bind.
-                    _sysctl("net/ipv6/conf/default/disable_ipv6", "1")
-                try:
-                    ipr.link("add", ifname=INSIDE_IFNAME, kind="veth",
-                             peer={"ifname": net.veth_host, "net_ns_fd": host_fd})
-                except NetlinkError as e:
-                    raise _nl(f"veth {INSIDE_IFNAME}/{net.veth_host}", e) from e
-            idx = ipr.link_lookup(ifname=INSIDE_IFNAME)[0]
-            lo = ipr.link_lookup(ifname="lo")[0]
-            ipr.link("set", index=lo, state="up")
-            _add_addr(ipr, idx, addr)
-            ipr.link("set", index=idx, state="up")
-            default = "0.0.0.0/0" if addr.version == 4 else "::/0"
-            ipr.route("replace", dst=default, gateway=str(gw.ip), oif=idx)
-        # Back in the host namespace (_Netns.__exit__): the host side.
-        with IPRoute() as ipr:
-            links = ipr.link_lookup(ifname=net.veth_host)
-            if not links:
+    # A netlink socket stays bound to the namespace it was opened in, so this one
+    # keeps talking to the host after the thread has moved into the sandbox's.
+    with IPRoute() as host_ipr:
+        host = _link(host_ipr, net.veth_host)
+        if host is not None and not mounted:
+            raise Conflict(f"interface {net.veth_host} exists but {net.netns_path} is not "
+                           "its namespace", hint="another sandbox or program owns it; "
+                           "release that first or choose another name")
+        try:
+            with _Netns(net.netns_path, create=not mounted) as host_fd:
+                _configure_inside(net, addr, gw, host, host_fd)
+            # Back in the host namespace (_Netns.__exit__): the host side.
+            host = _link(host_ipr, net.veth_host)
+            if host is None:
                 raise KernelError(f"veth {net.veth_host} vanished while preparing "
                                   f"{net.netns_path}")
             if not net.ipv6:
                 _sysctl(f"net/ipv6/conf/{net.veth_host}/disable_ipv6", "1")
-            _add_addr(ipr, links[0], gw)
-            ipr.link("set", index=links[0], state="up")
-    except BaseException:
-        if not mounted:  # we made it: do not leave half a namespace behind
-            _release(net)
-        raise
+            _add_addr(host_ipr, host["index"], gw)
+            host_ipr.link("set", index=host["index"], state="up")
+        except BaseException:
+            if not mounted:  # we made it: do not leave half a namespace behind
+                _release(net)
+            raise
+
+
+def _configure_inside(net: Network, addr: Iface, gw: Iface, host: Any | None,
+                      host_fd: int) -> None:
+    """Runs with the thread inside the sandbox's namespace."""
+    with IPRoute() as ipr:
+        eth0 = _link(ipr, INSIDE_IFNAME)
+        if host is not None:
+            # Our pair is eth0 here and veth_host there, each the other's peer.
+            if eth0 is None or eth0.get("IFLA_LINK") != host["index"] \
+                    or host.get("IFLA_LINK") != eth0["index"]:
+                raise Conflict(f"interface {net.veth_host} is not paired with "
+                               f"{INSIDE_IFNAME} in {net.netns_path}",
+                               hint="another sandbox or program owns it")
+        elif eth0 is not None:
+            raise Conflict(f"{net.netns_path} already has an {INSIDE_IFNAME} that is not "
+                           f"paired with {net.veth_host}")
+        else:
+            if not net.ipv6:
+                # eth0 must come up without IPv6 (not even link-local, which would
+                # reach the host side before any policy exists): new interfaces
+                # take "default". lo keeps ::1, which local services may bind.
+                _sysctl("net/ipv6/conf/default/disable_ipv6", "1")
+            try:
+                ipr.link("add", ifname=INSIDE_IFNAME, kind="veth",
+                         peer={"ifname": net.veth_host, "net_ns_fd": host_fd})
+            except NetlinkError as e:
+                raise _nl(f"veth {INSIDE_IFNAME}/{net.veth_host}", e) from e
+            eth0 = _link(ipr, INSIDE_IFNAME)
+            if eth0 is None:
+                raise KernelError(f"{INSIDE_IFNAME} vanished in {net.netns_path}")
+        idx = eth0["index"]
+        ipr.link("set", index=LOOPBACK_IFINDEX, state="up")
+        _add_addr(ipr, idx, addr)
+        ipr.link("set", index=idx, state="up")
+        default = "0.0.0.0/0" if addr.version == 4 else "::/0"
+        ipr.route("replace", dst=default, gateway=str(gw.ip), oif=idx)
 
 
 def release(net: Network) -> None:
