@@ -1,0 +1,146 @@
+"""THREATS.md, processes: privileges, visibility, fds, cwd, hostname, enter, errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from sandbox import process
+from sandbox.errors import KernelError, NotFound
+from tests.integration.sandbox_kit import box, make_spec
+
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("need_root")]
+
+STATUS = "grep -E '^(Cap|NoNewPrivs|Uid|Gid|Groups)' /proc/self/status"
+
+
+def _check_status(out: str, uid: int) -> None:
+    lines = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(lines[cap].strip(), 16) == 0, out
+    assert lines["NoNewPrivs"].strip() == "1", out
+    assert lines["Uid"].split() == [str(uid)] * 4, out
+    assert lines["Groups"].strip() == "", out
+
+
+def test_workload_has_no_privileges_own_identity(tmp_path: Path, uniq: str) -> None:
+    spec = make_spec(tmp_path, uniq)
+    with box(spec) as b:
+        r = b.run(f"{STATUS}; echo cwd=$(pwd); echo host=$(hostname); env | sort")
+        assert r.code == 0, r.out
+        _check_status(r.out, spec.uid)
+        assert "cwd=/workspace" in r.out
+        assert f"host={spec.name}" in r.out
+        env = dict(line.split("=", 1) for line in r.out.splitlines()
+                   if "=" in line and not line.startswith(("cwd", "host")))
+        assert env["HOME"] == "/home/agent"
+        assert env["CORRAL_AGENT"] == spec.name
+        assert set(env) <= {"HOME", "PATH", "USER", "LOGNAME", "CORRAL_AGENT", "PWD"}, env
+        # positive control for the capability check: the test itself has them
+        with open("/proc/self/status") as f:
+            assert any(line.startswith("CapEff:") and int(line.split()[1], 16) != 0
+                       for line in f)
+
+
+def test_only_own_processes_visible_and_no_leaked_fds(tmp_path: Path, uniq: str) -> None:
+    spec = make_spec(tmp_path, uniq)
+    leak = os.open("/etc/hostname", os.O_RDONLY)  # inheritable, not CLOEXEC
+    os.set_inheritable(leak, True)
+    try:
+        with box(spec) as b:
+            r = b.run("ls /proc | grep -E '^[0-9]+$' | sort -n | tr '\\n' ' '; echo;"
+                      "ls /proc/$$/fd | sort -n | tr '\\n' ' '; echo;"
+                      "kill -0 1 && echo init-visible; stat -c %u /proc/1;"
+                      "ls -l /proc/1/cwd 2>&1 | grep -c Permission")
+            pids_line, fds_line, *rest = r.out.splitlines()
+            pids = [int(p) for p in pids_line.split()]
+            # init (1), sh, ls, grep, sort, tr: nothing of the host
+            assert pids[0] == 1, r.out
+            assert max(pids) < 20, r.out
+            assert fds_line.split() == ["0", "1", "2"], r.out
+            assert "init-visible" in rest  # positive control: own processes are there
+    finally:
+        os.close(leak)
+
+
+def test_enter_joins_the_sandbox_with_the_same_drop(tmp_path: Path, uniq: str) -> None:
+    spec = make_spec(tmp_path, uniq)
+    with box(spec) as b:
+        st = b.start()
+        r = b.exec(f"{STATUS}; hostname; pwd; ls /proc | grep -cE '^[0-9]+$'; "
+                   "echo made > /workspace/by-exec; ls /proc/self/fd | tr '\\n' ' '")
+        assert r.code == 0, r.out
+        _check_status(r.out, spec.uid)
+        assert spec.name in r.out
+        assert "/workspace" in r.out
+        assert (Path(spec.state_dir) / "upper" / "by-exec").read_text() == "made\n"
+        # exit codes and signals come back through the helper
+        assert b.exec("exit 7").code == 7
+        assert b.exec("kill -TERM $$").code == -signal.SIGTERM
+        # the helper (and so the command) is in the sandbox's cgroup
+        r, w = os.pipe()
+        pid = process.enter(spec, st.init_pid, ["/bin/sleep", "30"], env={}, cwd="/",
+                            stdin=r, stdout=w, stderr=w)
+        try:
+            deadline = time.monotonic() + 30
+            while pid not in b.cg.procs(spec.cgroup) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert pid in b.cg.procs(spec.cgroup)
+            assert os.getpid() not in b.cg.procs(spec.cgroup)
+        finally:
+            os.kill(pid, signal.SIGTERM)
+            _, status = os.waitpid(pid, 0)
+            os.close(r)
+            os.close(w)
+        assert os.waitstatus_to_exitcode(status) == -signal.SIGTERM
+        with pytest.raises(KernelError, match="chdir"):
+            b.exec("true", cwd="/nonexistent")
+        with pytest.raises(NotFound):
+            process.enter(spec, os.getpid(), ["true"], env={}, cwd="/", stdin=0, stdout=1,
+                          stderr=2)
+
+
+def test_start_errors_are_typed_and_name_the_step(tmp_path: Path, uniq: str) -> None:
+    spec = make_spec(tmp_path, uniq)
+    with box(spec) as b:
+        with pytest.raises(KernelError, match="execve") as ei:
+            b.start("/no/such/binary")
+        assert "ENOENT" in str(ei.value)
+        assert b.cg.procs(spec.cgroup) == []  # init was reaped, nothing left behind
+        b.started = None
+        # positive control: the same sandbox starts fine with a real command
+        assert b.run("echo fine").out == "fine\n"
+
+
+def test_init_forwards_sigterm_and_reaps(tmp_path: Path, uniq: str) -> None:
+    spec = make_spec(tmp_path, uniq)
+    with box(spec) as b:
+        st = b.start("/bin/sh", "-c", "sleep 100 & sleep 100 & trap 'exit 42' TERM; "
+                     "while :; do sleep 0.1; done")
+        deadline = time.monotonic() + 30
+        while len(b.cg.procs(spec.cgroup)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(st.init_pid, signal.SIGTERM)
+        _, status = os.waitpid(st.init_pid, 0)
+        b.started = None
+        assert os.waitstatus_to_exitcode(status) == 42
+        deadline = time.monotonic() + 30
+        while b.cg.procs(spec.cgroup) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert b.cg.procs(spec.cgroup) == []  # the orphans died with the pid namespace
+
+
+def test_netns_has_only_lo_and_eth0(tmp_path: Path, uniq: str) -> None:
+    spec = make_spec(tmp_path, uniq, net=True)
+    assert spec.network is not None
+    with box(spec) as b:
+        r = b.run("tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort | tr '\\n' ' ';"
+                  "echo; ip -o -4 addr show dev eth0; ip route")
+        assert r.code == 0, r.out
+        assert r.out.splitlines()[0].split() == ["eth0", "lo"], r.out
+        assert spec.network.address in r.out  # positive control: our address is there
+        assert Path(f"/sys/class/net/{spec.network.veth_host}").exists()
