@@ -291,7 +291,11 @@ async def attach_terminal(
     stdout_fd: int = 1,
 ) -> str:
     """The whole local attach on an open attach WebSocket; the terminal is always restored."""
-    snapshot = await _first_frame(ws)
+    try:
+        snapshot = await _first_frame(ws)
+    except BaseException:
+        await ws.close()
+        raise
     write = fd_writer(stdout_fd)
     sender = _Sender(ws)
 
