@@ -41,7 +41,7 @@ from typing import Literal
 
 from sandbox import kernel, overlay
 from sandbox.errors import HostSetupError, KernelError
-from sandbox.spec import SandboxSpec
+from sandbox.spec import SandboxSpec, check_abs_path
 
 log = logging.getLogger(__name__)
 
@@ -173,17 +173,21 @@ def plan_mounts(spec: SandboxSpec) -> list[MountOp]:
                                    flags=WRITABLE))
 
     ws = spec.workspace
+    inside = _norm(check_abs_path(ws.inside, "workspace path"))
     if ws.mode == "overlay" and ws.project:
-        put(ws.inside, MountOp("workspace", ws.inside, source=ws.project, flags=WRITABLE))
+        put(inside, MountOp("workspace", inside, source=check_abs_path(ws.project, "project"),
+                            flags=WRITABLE))
     elif ws.mode == "bind" and ws.project:
-        put(ws.inside, MountOp("bind", ws.inside, source=ws.project, flags=WRITABLE))
+        put(inside, MountOp("bind", inside, source=check_abs_path(ws.project, "project"),
+                            flags=WRITABLE))
 
     for rule in spec.rules:
+        path = _norm(check_abs_path(rule.path, "filesystem rule path"))
         if rule.mode == "hidden":
-            put(rule.path, MountOp("hide", rule.path))
+            put(path, MountOp("hide", path))
         else:
-            put(rule.path, MountOp("bind", rule.path, source=rule.source or rule.path,
-                                   ro=rule.mode == "ro", flags=WRITABLE))
+            src = check_abs_path(rule.source or rule.path, "filesystem rule source")
+            put(path, MountOp("bind", path, source=src, ro=rule.mode == "ro", flags=WRITABLE))
 
     # Parents first; stable, so the ops of one entry keep their order.
     ordered = sorted(entries.items(), key=lambda kv: _parts(kv[0]))
