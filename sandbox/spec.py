@@ -24,7 +24,7 @@ WorkspaceMode = Literal["overlay", "bind", "none"]
 
 def check_name(name: str, what: str = "name") -> str:
     """Return `name` if it matches NAME_RE, else raise CorralError."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise CorralError(
             f"invalid {what} {name!r}",
             hint="use 1-31 characters: a lowercase letter, then lowercase letters, digits or '-'",

@@ -248,7 +248,7 @@ def parse_allow_entry(text: str) -> AllowEntry:
     if (
         not name
         or len(name) > 253
-        or not all(_LABEL_RE.match(lab) for lab in labels)
+        or not all(_LABEL_RE.fullmatch(lab) for lab in labels)
         or labels[-1].isdigit()
     ):
         raise ValueError(f"{text!r}: {host!r} is not an IP address, network or host name")
@@ -383,7 +383,7 @@ class _Validator:
         return tuple(out)
 
     def env_name(self, raw: Raw, path: str, name: str) -> None:
-        if not ENV_NAME_RE.match(name):
+        if not ENV_NAME_RE.fullmatch(name):
             raise _fail(raw, path, "is not a valid environment variable name")
         # The daemon sets CORRAL_AGENT and CORRAL_PORT_*; a template must not spoof them.
         if name.upper().startswith("CORRAL_"):
@@ -443,7 +443,7 @@ class _Validator:
         if name_raw is None:
             raise _fail(top, "name", "is required")
         name = self.str_(name_raw, "name")
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             raise _fail(
                 name_raw, "name", f"{name!r} must match {NAME_RE.pattern} (like agent names)"
             )
@@ -468,7 +468,7 @@ class _Validator:
 
     def template_name(self, raw: Raw, path: str) -> str:
         name = self.str_(raw, path)
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             raise _fail(raw, path, f"{name!r} is not a template name")
         return name
 
@@ -617,7 +617,7 @@ class _Validator:
         out = []
         for name, item in raw.items.items():
             spath = _join(path, name)
-            if not NAME_RE.match(name):
+            if not NAME_RE.fullmatch(name):
                 raise _fail(item, spath, f"service name {name!r} must match {NAME_RE.pattern}")
             out.append(self.service(name, item, spath))
         names = {s.name for s in out}
@@ -952,7 +952,7 @@ class TemplateRegistry:
         if not isinstance(ext, RawScalar) or not isinstance(ext.value, str):
             raise TemplateError(f"{ext.loc}: extends: must be a template name, got {_shown(ext)}")
         parent_name = ext.value
-        if not NAME_RE.match(parent_name):
+        if not NAME_RE.fullmatch(parent_name):
             raise TemplateError(f"{ext.loc}: extends: {parent_name!r} is not a template name")
         if parent_name in chain:
             cycle = " -> ".join([*chain, parent_name])
