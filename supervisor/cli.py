@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
 import os
 import select
@@ -26,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, NoReturn, TypeVar
 
+import aiohttp
 import click
 import yaml
 
@@ -64,6 +66,12 @@ class CorralGroup(click.Group):
             return super().invoke(ctx)
         except CorralError as exc:
             raise OperationalError(one_line(exc)) from None
+        except (aiohttp.ClientError, http.client.HTTPException, ConnectionResetError) as exc:
+            # The daemon went away in the middle of an answer or a stream.
+            raise OperationalError(one_line(CorralError(
+                f"lost the connection to the daemon: {exc or type(exc).__name__}",
+                hint="see `corral status` and the daemon's log",
+            ))) from None
 
 
 @dataclass

@@ -68,7 +68,9 @@ def terminal_size(*fds: int) -> tuple[int, int] | None:
     for fd in fds:
         with contextlib.suppress(OSError):
             size = os.get_terminal_size(fd)
-            return size.columns, size.lines
+            # A fresh PTY reports 0x0 until someone sets a size: that is "unknown".
+            if size.columns and size.lines:
+                return size.columns, size.lines
     return None
 
 
