@@ -170,3 +170,67 @@ def test_raw_mode_is_a_no_op_off_a_terminal() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_exec_tty_uses_raw_mode_and_forwards_resize(pty_pair: tuple[int, int]) -> None:
+    from supervisor.termattach import exec_terminal, fd_writer
+
+    master, slave = pty_pair
+    before = termios.tcgetattr(slave)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 20, 70, 0, 0))
+
+    async def body(manager: FakeManager, client: AsyncClient) -> None:
+        ws = await client.ws_connect("/v1/agents/web/exec")
+        request = {"argv": ["sh", "-c", "stty -echo; read line; echo got:$line; exit 5"],
+                   "tty": True, "term": "xterm", "cols": 70, "rows": 20}
+        write = fd_writer(slave)
+        task = asyncio.create_task(
+            exec_terminal(ws, request, stdin=slave, stdout=write, stderr=write, tty_fd=slave))
+        await until(lambda: len(manager.execs) == 1)
+        assert is_raw(slave)
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 25, 90, 0, 0))
+        os.kill(os.getpid(), signal.SIGWINCH)
+        await until(lambda: manager.execs[0].resizes == [(90, 25)])
+        os.write(master, b"hello\r")
+        assert await asyncio.wait_for(task, 30) == 5
+        await read_until(master, b"got:hello")
+
+    with_api(body)
+    assert termios.tcgetattr(slave) == before
+
+
+def test_top_is_live_and_quits_on_q(pty_pair: tuple[int, int]) -> None:
+    """The real `corral` entry point in a real terminal: frames refresh until `q`."""
+    import subprocess
+    import sys
+
+    from tests.unit.test_api_fake import ApiThread
+
+    master, slave = pty_pair
+    with short_tmpdir() as tmp, ApiThread(FakeManager(), os.path.join(tmp, "api.sock")) as api:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from supervisor.cli import main; main()",
+             "--socket", api.path, "top", "--interval", "0.2"],
+            stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        )
+        try:
+            async def watch() -> bytes:
+                first = await read_until(master, b"(q to quit)")
+                # A second frame proves it refreshes on its own.
+                rest = await read_until(master, b"\x1b[2J")
+                await read_until(master, b"(q to quit)")
+                os.write(master, b"q")
+                return first + rest
+
+            seen = asyncio.run(watch())
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert b"NAME" in seen
+    assert b"web" in seen
+    assert b"old" in seen
+    # cbreak mode was undone when top quit.
+    assert termios.tcgetattr(slave)[3] & termios.ICANON
