@@ -1,0 +1,570 @@
+"""The test's own "outside world": network namespaces, veths and servers.
+
+Everything here lives in namespaces the test creates, with addresses from
+198.18.0.0/15 (RFC 2544 benchmarking space) picked so they overlap nothing
+already routed on the host; the host namespace only routes between them.
+
+- `World`: a netns with a veth to the host, three addresses (w1, w2, w3) in a
+  /24 of 198.18.0.0/16 (host side .254), and one server process (this file
+  run as a script) with HTTP on 80 and 8080, TCP echo on 7 and 9000, UDP
+  echo on 7 and 9000, and an authoritative DNS server for `corral.test` on
+  53 (udp+tcp) that logs every query it receives.
+- `Agent`: a netns with eth0 = a /30 of 198.19.0.0/16 and a default route via
+  the host side of its veth, IPv6 disabled (as corral's netns does it).
+
+Every resource is named with the test's unique prefix and removed in
+`close()`, which the fixtures call from `finally`; processes are killed by PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parents[2]
+PY = str(REPO / ".venv" / "bin" / "python")
+
+WORLD_SPACE = ipaddress.ip_network("198.18.0.0/16")
+AGENT_SPACE = ipaddress.ip_network("198.19.0.0/16")
+
+
+def sh(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({res.returncode}): {res.stderr.strip()}")
+    return res
+
+
+def wait_for(pred: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:
+    """Poll `pred` until true (never a bare sleep-and-hope); fail loudly on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _routed() -> list[ipaddress.IPv4Network]:
+    """Every IPv4 prefix the host has a route or address for (all tables)."""
+    out = []
+    for r in json.loads(sh("ip", "-j", "-4", "route", "show", "table", "all").stdout or "[]"):
+        dst = r.get("dst", "")
+        if dst and dst != "default":
+            with contextlib.suppress(ValueError):
+                out.append(ipaddress.ip_network(dst, strict=False))
+    for link in json.loads(sh("ip", "-j", "-4", "addr").stdout or "[]"):
+        for a in link.get("addr_info", []):
+            out.append(ipaddress.ip_network(f"{a['local']}/{a['prefixlen']}", strict=False))
+    return out
+
+
+def free_subnet(space: ipaddress.IPv4Network, prefixlen: int) -> ipaddress.IPv4Network:
+    """A random /prefixlen of `space` that overlaps nothing routed on the host."""
+    used = _routed()
+    subs = list(space.subnets(new_prefix=prefixlen))
+    rng = random.SystemRandom()
+    for _ in range(200):
+        cand = rng.choice(subs[1:-1])
+        if not any(cand.overlaps(u) for u in used):
+            return cand
+    raise RuntimeError(f"no free /{prefixlen} in {space}")
+
+
+class Netns:
+    """A named netns plus a veth pair: `veth` on the host, `eth0` inside."""
+
+    def __init__(self, name: str, veth: str) -> None:
+        assert len(veth) <= 15
+        self.name = name
+        self.veth = veth
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.created = False
+
+    def create(self) -> None:
+        sh("ip", "netns", "add", self.name)
+        self.created = True
+        sh(
+            "ip",
+            "link",
+            "add",
+            self.veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            self.name,
+        )
+        self.ip("link", "set", "lo", "up")
+
+    def ip(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return sh("ip", "-n", self.name, *args)
+
+    def run(
+        self, *argv: str, timeout: float = 30, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command inside the namespace (as root, which the policy must not care about)."""
+        return sh("ip", "netns", "exec", self.name, *argv, timeout=timeout, check=check)
+
+    def popen(self, *argv: str, **kw: Any) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(["ip", "netns", "exec", self.name, *argv], **kw)
+        self.procs.append(p)
+        return p
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=10)
+            for f in (p.stdin, p.stdout, p.stderr):
+                if f is not None:
+                    f.close()
+        self.procs.clear()
+        # the veth dies with the namespace; delete it first anyway in case the
+        # namespace was never populated
+        sh("ip", "link", "del", self.veth, check=False)
+        if self.created:
+            sh("ip", "netns", "del", self.name, check=False)
+            self.created = False
+
+
+@contextlib.contextmanager
+def listeners(ns: Netns | None, tmp: Path, binds: Sequence[str]) -> Iterator[None]:
+    """TCP+UDP echo listeners on `binds` ("addr:port"), in `ns` or (None) on the host."""
+    ready = tmp / f"listen-{random.getrandbits(32):08x}.ready"
+    argv = [PY, str(HERE), "listen", str(ready), *binds]
+    if ns is None:
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    else:
+        p = ns.popen(*argv, stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: ready.exists() or p.poll() is not None, 60, f"listeners on {binds}")
+        assert p.poll() is None, f"listener on {binds} died"
+        yield
+    finally:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=10)
+
+
+def host_tcp(host: str, port: int, timeout: float = 3) -> bool:
+    """Connect and echo from the host namespace (the positive control for host-side targets)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.sendall(b"ping")
+            return s.recv(10) == b"ping"
+    except OSError:
+        return False
+
+
+class World(Netns):
+    """The outside world: addresses w1..w3, servers, and a logging DNS server."""
+
+    def __init__(self, uniq: str, tmp: Path) -> None:
+        super().__init__(f"{uniq}-world", f"{uniq}w")
+        self.tmp = tmp
+        self.net = free_subnet(WORLD_SPACE, 24)
+        hosts = list(self.net.hosts())
+        self.host_ip = str(hosts[-1])  # .254 on the host side
+        self.w1, self.w2, self.w3 = (str(h) for h in hosts[:3])
+        self.dns_log = tmp / f"{uniq}-dns.log"
+        self.ready = tmp / f"{uniq}-world.ready"
+        self.agent_addrs: list[str] = []  # names under corral.test that must never be answered
+
+    def start(self, zone_extra: dict[str, str] | None = None) -> None:
+        self.create()
+        sh("ip", "addr", "add", f"{self.host_ip}/24", "dev", self.veth)
+        sh("ip", "link", "set", self.veth, "up")
+        for a in (self.w1, self.w2, self.w3):
+            self.ip("addr", "add", f"{a}/24", "dev", "eth0")
+        self.ip("link", "set", "eth0", "up")
+        zone = {"ok": self.w1, "other": self.w2, "third": self.w3, **(zone_extra or {})}
+        self.dns_log.write_text("")
+        with (self.tmp / "world.err").open("wb") as err:
+            self.popen(
+                PY,
+                str(HERE),
+                "serve",
+                str(self.ready),
+                str(self.dns_log),
+                json.dumps(zone),
+                ",".join((self.w1, self.w2, self.w3)),
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        wait_for(self.ready.exists, 60, "the world's servers to listen")
+
+    def queries(self) -> list[str]:
+        """Every DNS question the world's server received: "name TYPE" lines."""
+        return [ln for ln in self.dns_log.read_text().splitlines() if ln]
+
+
+class Agent(Netns):
+    """An agent-like netns: eth0 = .2 of a /30, default route via the host side (.1)."""
+
+    def __init__(self, uniq: str, idx: int, net: ipaddress.IPv4Network) -> None:
+        super().__init__(f"{uniq}-ag{idx}", f"{uniq}a{idx}")
+        assert net.prefixlen == 30
+        self.agent = f"agent-{idx}"  # the corral agent name the tests give it
+        self.gateway = str(net.network_address + 1)
+        self.addr = str(net.network_address + 2)
+        self.net = net
+
+    def start(self) -> None:
+        self.create()
+        # IPv6 off inside, as corral's netns leaves it by default
+        self.run("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", check=True)
+        self.run("sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1", check=True)
+        sh("ip", "addr", "add", f"{self.gateway}/30", "dev", self.veth)
+        sh("ip", "link", "set", self.veth, "up")
+        self.ip("addr", "add", f"{self.addr}/30", "dev", "eth0")
+        self.ip("link", "set", "eth0", "up")
+        self.ip("route", "add", "default", "via", self.gateway)
+
+    # --- probes run inside the agent (each returns True when it got through) ---
+
+    def tcp(self, host: str, port: int, timeout: float = 3) -> bool:
+        code = (
+            "import socket,sys\n"
+            f"s=socket.create_connection(({host!r},{port}),timeout={timeout})\n"
+            "s.sendall(b'ping\\n'); s.shutdown(socket.SHUT_WR)\n"
+            "print(s.recv(100).decode())\n"
+        )
+        return self.run(PY, "-c", code, timeout=timeout + 30).returncode == 0
+
+    def http(self, url: str, *extra: str, timeout: float = 3) -> str | None:
+        r = self.run(
+            "curl",
+            "-sS",
+            "--max-time",
+            str(timeout),
+            "--noproxy",
+            "*",
+            *extra,
+            url,
+            timeout=timeout + 30,
+        )
+        return r.stdout if r.returncode == 0 else None
+
+    def udp(self, host: str, port: int, timeout: float = 3) -> bool:
+        r = self.run(PY, str(HERE), "udp", host, str(port), str(timeout), timeout=timeout + 30)
+        return r.returncode == 0
+
+    def ping(self, host: str) -> bool:
+        return self.run("ping", "-n", "-c", "1", "-W", "3", host).returncode == 0
+
+    def raw_icmp(self, host: str, proto: int = 1) -> bool:
+        """Send an ICMP echo over a raw socket (IP protocol `proto`); True if a reply came."""
+        return self.run(PY, str(HERE), "raw", host, str(proto), timeout=40).returncode == 0
+
+    def dig(self, name: str, server: str, *extra: str, qtype: str = "A") -> list[str] | None:
+        """Resolve via `server`; the answer's addresses, or None on REFUSED/NXDOMAIN/timeout."""
+        r = self.run(
+            "dig",
+            "+time=2",
+            "+tries=2",
+            f"@{server}",
+            name,
+            qtype,
+            *extra,
+            "+noall",
+            "+answer",
+            "+comments",
+            timeout=40,
+        )
+        if r.returncode != 0 or "status: NOERROR" not in r.stdout:
+            return None
+        return [
+            ln.split()[-1]
+            for ln in r.stdout.splitlines()
+            if ln and not ln.startswith(";") and ln.split()[3:4] == [qtype]
+        ]
+
+
+@contextlib.contextmanager
+def world(uniq: str, tmp: Path, zone_extra: dict[str, str] | None = None) -> Iterator[World]:
+    w = World(uniq, tmp)
+    try:
+        w.start(zone_extra)
+        yield w
+    finally:
+        w.close()
+
+
+@contextlib.contextmanager
+def agents(uniq: str, count: int = 1) -> Iterator[tuple[ipaddress.IPv4Network, list[Agent]]]:
+    """`count` agents with /30s carved from one free /24 (the "daemon's agent subnet")."""
+    subnet = free_subnet(AGENT_SPACE, 24)
+    subs = list(subnet.subnets(new_prefix=30))
+    made: list[Agent] = []
+    try:
+        for i in range(count):
+            ag = Agent(uniq, i, subs[i + 1])
+            made.append(ag)
+            ag.start()
+        yield subnet, made
+    finally:
+        for ag in made:
+            ag.close()
+
+
+# ----------------------------------------------------------------------------
+# The server process run inside the world namespace (stdlib only).
+# ----------------------------------------------------------------------------
+
+QTYPES = {1: "A", 28: "AAAA", 5: "CNAME", 16: "TXT", 15: "MX", 2: "NS", 6: "SOA", 65: "HTTPS"}
+
+
+def _dns_answer(query: bytes, zone: dict[str, str], log: Any) -> bytes | None:
+    if len(query) < 12:
+        return None
+    qid, flags, qd = struct.unpack("!HHH", query[:6])
+    if qd != 1:
+        return None
+    pos, labels = 12, []
+    while True:
+        n = query[pos]
+        pos += 1
+        if n == 0:
+            break
+        labels.append(query[pos : pos + n].decode("ascii", "replace"))
+        pos += n
+    qtype, _qclass = struct.unpack("!HH", query[pos : pos + 4])
+    question = query[12 : pos + 4]
+    name = ".".join(labels).lower()
+    log.write(f"{name} {QTYPES.get(qtype, qtype)}\n")
+    log.flush()
+    rcode, answers = 0, b""
+    if name.endswith(".corral.test") or name == "corral.test":
+        key = name[: -len(".corral.test")]
+        addr = zone.get(key)
+        if addr is None:
+            rcode = 3  # NXDOMAIN
+        elif qtype == 1 and ":" not in addr:
+            ttl = 0 if key.startswith("ttl0") else 30
+            answers = struct.pack("!HHHIH", 0xC00C, 1, 1, ttl, 4) + socket.inet_aton(addr)
+        elif qtype == 28 and ":" in addr:
+            answers = struct.pack("!HHHIH", 0xC00C, 28, 1, 30, 16) + socket.inet_pton(
+                socket.AF_INET6, addr
+            )
+    else:
+        rcode = 5  # REFUSED: not our zone
+    an = 1 if answers else 0
+    hdr = struct.pack("!HHHHHH", qid, 0x8400 | (flags & 0x0100) | rcode, 1, an, 0, 0)
+    return hdr + question + answers
+
+
+async def _serve(ready: Path, dns_log: Path, zone: dict[str, str], addrs: list[str]) -> None:
+    log = dns_log.open("a")
+    loop = asyncio.get_running_loop()
+
+    async def http(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+            host = ""
+            for ln in head.decode("latin-1").split("\r\n"):
+                if ln.lower().startswith("host:"):
+                    host = ln.split(":", 1)[1].strip()
+            local = w.get_extra_info("sockname")
+            body = f"world {local[0]}:{local[1]} host={host}\n".encode()
+            w.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await w.drain()
+        finally:
+            w.close()
+
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        finally:
+            w.close()
+
+    class Udp(asyncio.DatagramProtocol):
+        def connection_made(self, transport: Any) -> None:
+            self.t = transport
+
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            self.t.sendto(data, addr)
+
+    class Dns(asyncio.DatagramProtocol):
+        def connection_made(self, transport: Any) -> None:
+            self.t = transport
+
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            out = _dns_answer(data, zone, log)
+            if out is not None:
+                self.t.sendto(out, addr)
+
+    async def dns_tcp(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                (n,) = struct.unpack("!H", await r.readexactly(2))
+                out = _dns_answer(await r.readexactly(n), zone, log)
+                if out is None:
+                    return
+                w.write(struct.pack("!H", len(out)) + out)
+                await w.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            w.close()
+
+    servers = [
+        await asyncio.start_server(http, "0.0.0.0", 80),
+        await asyncio.start_server(http, "0.0.0.0", 8080),
+        await asyncio.start_server(echo, "0.0.0.0", 7),
+        await asyncio.start_server(echo, "0.0.0.0", 9000),
+        await asyncio.start_server(dns_tcp, "0.0.0.0", 53),
+    ]
+    # UDP per address: a wildcard socket would answer from the primary address,
+    # which is not the flow the client (and conntrack) expects
+    for addr in addrs:
+        for port in (7, 9000):
+            await loop.create_datagram_endpoint(Udp, local_addr=(addr, port))
+        await loop.create_datagram_endpoint(Dns, local_addr=(addr, 53))
+    _touch(ready)
+    await asyncio.gather(*(s.serve_forever() for s in servers))
+
+
+def _touch(path: Path) -> None:
+    path.write_text("ok")
+
+
+def _udp(host: str, port: int, timeout: float) -> int:
+    """UDP echo probe: 0 if an echo came back (3 tries), 1 if not.
+
+    The socket is connected so an ICMP error (a reject) ends the probe at once.
+    """
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(timeout / 3)
+    s.connect((host, port))
+    for _ in range(3):
+        try:
+            s.send(b"hello")
+            d = s.recv(100)
+        except TimeoutError:
+            continue
+        except OSError:
+            return 1
+        return 0 if d == b"hello" else 2
+    return 1
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    s = (s >> 16) + (s & 0xFFFF)
+    s += s >> 16
+    return ~s & 0xFFFF
+
+
+def _raw(host: str, proto: int) -> int:
+    """Raw-socket probe: an ICMP echo (proto 1) or a bare packet of another protocol."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, proto)
+    s.settimeout(1.0)
+    ident = os.getpid() & 0xFFFF
+    body = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"corral-raw"
+    pkt = body[:2] + struct.pack("!H", _checksum(body)) + body[4:]
+    for _ in range(4):
+        s.sendto(pkt, (host, 0))
+        if proto != 1:
+            continue
+        try:
+            while True:
+                data, src = s.recvfrom(2048)
+                ihl = (data[0] & 0xF) * 4
+                typ, _, _, rid = struct.unpack("!BBHH", data[ihl : ihl + 6])
+                if src[0] == host and typ == 0 and rid == ident:
+                    return 0
+        except TimeoutError:
+            continue
+    return 1
+
+
+async def _listen(ready: Path, binds: Sequence[str]) -> None:
+    """TCP and UDP echo on each addr:port (the host's or an agent's "own services")."""
+
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        finally:
+            w.close()
+
+    class Udp(asyncio.DatagramProtocol):
+        def connection_made(self, transport: Any) -> None:
+            self.t = transport
+
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            self.t.sendto(data, addr)
+
+    loop = asyncio.get_running_loop()
+    servers = []
+    for b in binds:
+        host, port = b.rsplit(":", 1)
+        host = host.strip("[]")
+        servers.append(await asyncio.start_server(echo, host, int(port)))
+        await loop.create_datagram_endpoint(Udp, local_addr=(host, int(port)))
+    _touch(ready)
+    await asyncio.gather(*(s.serve_forever() for s in servers))
+
+
+def _hold(host: str, port: int, flag: Path) -> int:
+    """Echo once over a TCP connection, wait for `flag`, echo again on the same connection.
+
+    Prints "first ok"; exits 0 if the second echo came back, 1 if it did not.
+    """
+    s = socket.create_connection((host, port), timeout=5)
+    s.sendall(b"one")
+    assert s.recv(10) == b"one"
+    print("first ok", flush=True)
+    deadline = time.monotonic() + 120
+    while not flag.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    s.settimeout(3)
+    try:
+        s.sendall(b"two")
+        return 0 if s.recv(10) == b"two" else 1
+    except OSError:
+        return 1
+
+
+def main(argv: Sequence[str]) -> int:
+    if argv[0] == "serve":
+        asyncio.run(_serve(Path(argv[1]), Path(argv[2]), json.loads(argv[3]), argv[4].split(",")))
+        return 0
+    if argv[0] == "listen":
+        asyncio.run(_listen(Path(argv[1]), argv[2:]))
+        return 0
+    if argv[0] == "udp":
+        return _udp(argv[1], int(argv[2]), float(argv[3]))
+    if argv[0] == "hold":
+        return _hold(argv[1], int(argv[2]), Path(argv[3]))
+    if argv[0] == "raw":
+        return _raw(argv[1], int(argv[2]))
+    raise SystemExit(f"unknown command {argv[0]!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
