@@ -71,7 +71,7 @@ class AgentConfig:
     """The agent's session: the AI assistant's command, or a shell, on the PTY."""
 
     command: tuple[str, ...] = ("bash", "-l")  # argv of the session; PATH-resolved inside
-    env: tuple[tuple[str, str], ...] = ()  # extra env for the session only (after template env)
+    env: tuple[tuple[str, str], ...] = ()  # extra env for the session (after template env)
 
 
 @dataclass(frozen=True)
