@@ -1,0 +1,374 @@
+"""One SSH session channel: the shared terminal (shell), a command (exec), or sftp.
+
+- shell: attach to the agent's shared session (`Manager.attach`), paint the
+  snapshot, then pump output to the client and keystrokes back. Output waits
+  for the SSH channel to drain, at most `drain_timeout` seconds, so the SSH
+  side never buffers more than the channel's high-water mark (the hub drops a
+  client that stops reading before that). Keystrokes and resizes of a viewer
+  are dropped here as well as in the hub. Every attach is recorded (asciicast
+  v2) and audited (session.attach / session.detach).
+- exec: collaborator/owner only; `/bin/sh -c COMMAND` in the sandbox with
+  stdin, stdout, stderr, EOF and the exit status carried through.
+- sftp: `supervisor.ssh_sftp.WorkspaceSFTPServer` on the agent's workspace.
+
+Client environment: only TERM (from pty-req), LANG and LC_* are stored at all
+(`SessionChannel` refuses other env requests at the protocol level, bounded in
+count and size), so nothing else can reach the sandbox.
+
+Terminal size policy: pty-req beyond `max_cols` x `max_rows` is refused;
+window-change is clamped to 1..max. Which client's size the shared session
+takes is the hub's policy (the most recent writer's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import signal as signal_mod
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import asyncssh
+from asyncssh.channel import SSHChannel
+from asyncssh.packet import SSHPacket
+from asyncssh.sftp import run_sftp_server
+from asyncssh.stream import SSHServerStreamSession
+
+from supervisor.recording import AsciicastRecorder, open_recording
+from supervisor.ssh_access import Access, ExecProcessLike, SessionClientLike, SshContext, SshLimits
+from supervisor.ssh_sftp import WorkspaceSFTPServer
+
+log = logging.getLogger(__name__)
+
+_ENV_NAME = re.compile(rb"^(TERM|LANG|LC_[A-Z]{1,20})$")
+_PRINTABLE = re.compile(rb"^[\x20-\x7e]*$")
+_TERM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+SFTP_VERSION = 3
+CHUNK = 64 * 1024
+
+# asyncssh's own defaults for a server channel (connection.py _DEFAULT_WINDOW /
+# _DEFAULT_MAX_PKTSIZE), repeated because we construct the channel ourselves.
+WINDOW = 2 * 1024 * 1024
+MAX_PKTSIZE = 32768
+
+
+def env_allowed(key: bytes, value: bytes, count: int, limits: SshLimits) -> bool:
+    """May this env request be stored? Allow-listed names, bounded, printable values."""
+    return (count < limits.max_env_count and bool(_ENV_NAME.match(key))
+            and len(value) <= limits.max_env_value and bool(_PRINTABLE.match(value)))
+
+
+def term_allowed(term: str, limits: SshLimits) -> bool:
+    return 0 < len(term) <= limits.max_env_value and bool(_TERM.match(term))
+
+
+def clamp_size(cols: int, rows: int, limits: SshLimits) -> tuple[int, int]:
+    """A window size within 1..max; 0 (client did not say) becomes 80x24."""
+    cols = cols or 80
+    rows = rows or 24
+    return max(1, min(cols, limits.max_cols)), max(1, min(rows, limits.max_rows))
+
+
+def pty_size_allowed(cols: int, rows: int, limits: SshLimits) -> bool:
+    return 0 <= cols <= limits.max_cols and 0 <= rows <= limits.max_rows
+
+
+class SessionChannel(asyncssh.SSHServerChannel[bytes]):
+    """A server channel that stores only allow-listed, bounded env requests.
+
+    asyncssh keeps every env request in a dict without limit; a client could
+    grow it without bound, and any name would reach `get_environment()`.
+    """
+
+    def __init__(self, conn: asyncssh.SSHServerConnection, limits: SshLimits) -> None:
+        super().__init__(conn, asyncio.get_running_loop(), True, False, False, 0, 0,
+                         None, "strict", WINDOW, MAX_PKTSIZE)
+        self._limits = limits
+
+    def _process_env_request(self, packet: SSHPacket) -> bool:
+        key = packet.get_string()
+        value = packet.get_string()
+        packet.check_end()
+        env: dict[bytes, bytes] = self._env
+        if not env_allowed(key, value, len(env), self._limits):
+            self.logger.debug1("  Env refused: %r", key[:64])
+            return False
+        env[key] = value
+        return True
+
+
+class _ExitOnClose(asyncssh.SSHWriter[bytes]):
+    """The sftp server's writer: closing it ends the channel with exit status 0."""
+
+    def close(self) -> None:
+        chan = self.channel
+        if isinstance(chan, asyncssh.SSHServerChannel):
+            chan.exit(0)
+        else:
+            chan.close()
+
+
+async def _as_coro(aw: Awaitable[None]) -> None:
+    await aw
+
+
+class AgentSession(SSHServerStreamSession[bytes]):
+    """Session channel handler for one agent connection."""
+
+    def __init__(self, ctx: SshContext, access: Access, chan_id: int,
+                 on_closed: Callable[[], None]) -> None:
+        super().__init__(self._run, self._make_sftp, SFTP_VERSION, False)
+        self._ctx = ctx
+        self._access = access
+        self._limits = ctx.limits
+        self._on_closed = on_closed
+        self._tag = f"[agent={access.agent} user={access.user} chan={chan_id}]"
+        self._term: str | None = None
+        self._size: tuple[int, int] | None = None
+        self._kind = ""
+        self._task: asyncio.Task[Any] | None = None
+        self._on_resize: Callable[[int, int], None] | None = None
+        self._proc: ExecProcessLike | None = None
+
+    # --- requests (asyncssh asks; we answer yes/no) -------------------------
+
+    def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int],
+                      term_modes: Mapping[int, int]) -> bool:
+        cols, rows = term_size[0], term_size[1]
+        if not term_allowed(term_type, self._limits):
+            log.info("%s pty-req refused: bad TERM %r", self._tag, term_type[:64])
+            return False
+        if not pty_size_allowed(cols, rows, self._limits):
+            log.info("%s pty-req refused: size %dx%d", self._tag, cols, rows)
+            return False
+        self._term = term_type
+        self._size = clamp_size(cols, rows, self._limits)
+        return True
+
+    def shell_requested(self) -> bool:
+        self._kind = "shell"
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        if not self._access.can_write:
+            log.info("%s exec refused: role %s", self._tag, self._access.role)
+            return False
+        if len(command) > self._limits.max_command or "\0" in command:
+            log.info("%s exec refused: command too long or has NUL", self._tag)
+            return False
+        self._kind = "exec"
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        if subsystem != "sftp":
+            return False
+        self._kind = "sftp"
+        return True
+
+    def _make_sftp(self, chan: SSHChannel[bytes]) -> WorkspaceSFTPServer:
+        root = self._ctx.manager.workspace_view(self._access.agent)
+        log.info("%s sftp on %s (%s)", self._tag, root,
+                 "read-write" if self._access.can_write else "read-only")
+        if not isinstance(chan, asyncssh.SSHServerChannel):
+            raise TypeError("sftp needs a server channel")
+        return WorkspaceSFTPServer(chan, root, self._access)
+
+    # --- events during the session -----------------------------------------
+
+    def terminal_size_changed(self, width: int, height: int, pixwidth: int,
+                              pixheight: int) -> None:
+        # Handled here rather than raised into the reader (asyncssh's default).
+        # A viewer's size is passed on too: the hub keeps it but applies only
+        # writers' sizes (its policy: the most recent writer's size wins).
+        if self._on_resize is not None:
+            self._on_resize(*clamp_size(width, height, self._limits))
+
+    def signal_received(self, signal: str) -> None:
+        if self._proc is None or not self._access.can_write:
+            return
+        sig = getattr(signal_mod, "SIG" + signal, None)
+        if isinstance(sig, signal_mod.Signals):
+            self._proc.signal(int(sig))
+
+    def break_received(self, msec: int) -> bool:
+        return False
+
+    def soft_eof_received(self) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._access.writer_channels.discard(self)
+        if self._task is not None:
+            self._task.cancel()
+        self._on_closed()
+
+    def close(self) -> None:
+        """Used on downgrade/revoke for exec channels."""
+        if self._chan is not None:
+            self._chan.close()
+
+    # --- the work -----------------------------------------------------------
+
+    def session_started(self) -> None:
+        if self._kind != "sftp":
+            super().session_started()
+            return
+        # asyncssh's sftp path closes the channel without an exit status, which
+        # `scp -s` reports as a failure; end it with exit-status 0 instead.
+        chan = self._chan
+        if not isinstance(chan, asyncssh.SSHServerChannel) or self._conn is None:
+            return
+        reader = asyncssh.SSHReader[bytes](self, chan)
+        writer = _ExitOnClose(self, chan)
+        handler = run_sftp_server(self._make_sftp(chan), reader, writer, SFTP_VERSION)
+        self._task = self._ctx.tasks.spawn(_as_coro(handler), f"ssh-sftp{self._tag}")
+
+    async def _run(self, stdin: asyncssh.SSHReader[bytes], stdout: asyncssh.SSHWriter[bytes],
+                   stderr: asyncssh.SSHWriter[bytes]) -> None:
+        self._task = asyncio.current_task()
+        chan = self._chan
+        if not isinstance(chan, asyncssh.SSHServerChannel):
+            return
+        status = 0
+        try:
+            if self._kind == "exec":
+                status = await self._run_exec(chan.get_command() or "", stdin, stdout, stderr)
+            else:
+                status = await self._run_shell(stdin, stdout, stderr)
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:
+            log.warning("%s session failed: %s", self._tag, exc)
+            status = 1
+            try:
+                stderr.write(f"corral: {exc}\r\n".encode())
+            except (OSError, asyncssh.Error):
+                pass
+        try:
+            chan.exit(max(0, min(status, 255)))
+        except (OSError, asyncssh.Error):
+            pass
+
+    async def _send(self, stdout: asyncssh.SSHWriter[bytes], data: bytes) -> None:
+        stdout.write(data)
+        # drain() returns at once unless the channel is above its high-water mark.
+        await asyncio.wait_for(stdout.drain(), timeout=self._limits.drain_timeout)
+
+    async def _run_shell(self, stdin: asyncssh.SSHReader[bytes], stdout: asyncssh.SSHWriter[bytes],
+                         stderr: asyncssh.SSHWriter[bytes]) -> int:
+        access, mgr = self._access, self._ctx.manager
+        client: SessionClientLike = await mgr.attach(access.agent, access.user, access.role,
+                                                     self._size)
+        cols, rows = self._size or (80, 24)
+        rec: AsciicastRecorder | None = None
+        try:
+            rec = open_recording(self._ctx.recordings_dir, access.agent, access.user, cols, rows,
+                                 {"TERM": self._term or "", "SHELL": "/bin/sh"},
+                                 max_bytes=self._limits.max_recording_bytes)
+        except OSError as exc:
+            log.warning("%s cannot record session: %s", self._tag, exc)
+        mgr.audit("session.attach", access.agent, user=access.user, role=access.role,
+                  addr=access.addr, recording=rec.path if rec else None)
+        log.info("%s attached as %s", self._tag, access.role)
+
+        def resize(c: int, r: int) -> None:
+            client.resize(c, r)
+            if rec is not None:
+                rec.resize(c, r)
+
+        self._on_resize = resize
+        feeder = self._ctx.tasks.spawn(self._shell_input(stdin, client), f"ssh-in{self._tag}")
+        try:
+            if client.snapshot:
+                if rec is not None:
+                    rec.output(client.snapshot)
+                await self._send(stdout, client.snapshot)
+            while True:
+                data = await client.read()
+                if not data:
+                    break
+                if rec is not None:
+                    rec.output(data)
+                await self._send(stdout, data)
+        except TimeoutError:
+            log.info("%s client stopped reading: dropped", self._tag)
+        finally:
+            self._on_resize = None
+            feeder.cancel()
+            client.close()
+            if rec is not None:
+                rec.close()
+            mgr.audit("session.detach", access.agent, user=access.user, addr=access.addr)
+            log.info("%s detached", self._tag)
+        return 0
+
+    async def _shell_input(self, stdin: asyncssh.SSHReader[bytes],
+                           client: SessionClientLike) -> None:
+        try:
+            while True:
+                data = await stdin.read(CHUNK)
+                if not data:
+                    return  # EOF: keep watching, stop typing
+                if self._access.can_write:
+                    client.write(data)
+        except (OSError, asyncssh.Error):
+            return
+
+    def _exec_env(self) -> dict[str, str]:
+        if self._chan is None:
+            return {}
+        env = {k: v for k, v in self._chan.get_environment().items()
+               if _ENV_NAME.match(k.encode())}
+        if self._term:
+            env["TERM"] = self._term
+        return env
+
+    async def _run_exec(self, command: str, stdin: asyncssh.SSHReader[bytes],
+                        stdout: asyncssh.SSHWriter[bytes],
+                        stderr: asyncssh.SSHWriter[bytes]) -> int:
+        access, mgr = self._access, self._ctx.manager
+        tty = (self._term, *self._size) if self._term and self._size else None
+        mgr.audit("ssh.exec", access.agent, user=access.user, addr=access.addr,
+                  command=command[:200], tty=tty is not None)
+        proc: ExecProcessLike = await mgr.exec(access.agent, ["/bin/sh", "-c", command],
+                                               user=access.user, tty=tty, env=self._exec_env())
+        self._proc = proc
+        self._access.writer_channels.add(self)
+        self._on_resize = proc.resize
+        feeder = self._ctx.tasks.spawn(self._exec_input(stdin, proc), f"ssh-exec-in{self._tag}")
+        done = False
+        try:
+            await asyncio.gather(self._copy(proc.read_stdout, stdout),
+                                 self._copy(proc.read_stderr, stderr))
+            code = await proc.wait()
+            done = True
+            return code
+        finally:
+            feeder.cancel()
+            self._on_resize = None
+            if not done:
+                # The client went away (or lost the right) first: hang the command up.
+                proc.signal(signal_mod.SIGHUP)
+
+    async def _copy(self, read: Callable[[], Awaitable[bytes]],
+                    out: asyncssh.SSHWriter[bytes]) -> None:
+        while True:
+            data = await read()
+            if not data:
+                return
+            out.write(data)
+            await out.drain()  # backpressure reaches the command's pipe, no timeout needed
+
+    async def _exec_input(self, stdin: asyncssh.SSHReader[bytes], proc: ExecProcessLike) -> None:
+        try:
+            while True:
+                data = await stdin.read(CHUNK)
+                if not data or not self._access.can_write:
+                    break
+                await proc.write_stdin(data)
+        except (OSError, asyncssh.Error):
+            pass
+        finally:
+            proc.close_stdin()
