@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -203,8 +204,8 @@ class Store:
         """Open (or create) the store at `path`; HostSetupError if it is unusable."""
         p = Path(path)
         hint = (
-            f"nothing was changed: restore {path} from a backup or move it aside "
-            "(a new store then starts empty); running agents are not touched"
+            f"nothing was changed: fix {path} or its directory (restore a backup, or move "
+            "the file aside to start with an empty store); running agents are not touched"
         )
         exists = p.exists()
         if exists and not p.is_file():
@@ -244,8 +245,7 @@ class Store:
             raise
         except sqlite3.Error as e:
             conn.close()
-            what = "unwritable" if "readonly" in str(e) else "corrupted or unreadable"
-            raise HostSetupError(f"state store {path} is {what}: {e}", hint=hint) from None
+            raise HostSetupError(f"state store {path} is {_diagnose(p, e)}", hint=hint) from None
         log.debug("store %s open (schema %d)", path, SCHEMA_VERSION)
         return store
 
@@ -256,7 +256,7 @@ class Store:
             rows = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
         except sqlite3.Error as e:
             raise HostSetupError(
-                f"state store {path} is corrupted or unreadable: {e}",
+                f"state store {path} is {_diagnose(Path(path), e)}",
                 hint=f"nothing was changed: restore {path} from a backup or move it aside; "
                 "running agents are not touched",
             ) from None
@@ -673,6 +673,26 @@ def normalize_iso(text: str) -> str:
     if t.tzinfo is None:
         t = t.replace(tzinfo=UTC)  # a time without zone is taken as UTC, like the store's
     return t.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+def _diagnose(p: Path, err: sqlite3.Error) -> str:
+    """Why SQLite could not use the file, in words a person can act on."""
+    try:
+        with p.open("rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        return f"unreadable: {e.strerror}"
+    if head and head != b"SQLite format 3\0":
+        return f"corrupted or unreadable: not an SQLite database ({err})"
+    d = p.parent
+    try:
+        ro_fs = bool(os.statvfs(d).f_flag & os.ST_RDONLY)
+    except OSError:
+        ro_fs = False
+    if ro_fs or not os.access(d, os.W_OK) or not os.access(p, os.W_OK):
+        # WAL mode writes -wal and -shm files next to the store.
+        return f"unwritable: {d} is read-only or not writable ({err})"
+    return f"corrupted or unreadable: {err}"
 
 
 def _tables(conn: sqlite3.Connection) -> set[str]:
