@@ -80,9 +80,8 @@ def _prescan(text: str, origin: str, fixed: str | None) -> None:
             if isinstance(ev, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > MAX_DEPTH:
-                    raise YamlError(
-                        f"{fixed or _loc(origin, ev.start_mark)}: nested deeper than {MAX_DEPTH} levels"
-                    )
+                    where = fixed or _loc(origin, ev.start_mark)
+                    raise YamlError(f"{where}: nested deeper than {MAX_DEPTH} levels")
             elif isinstance(ev, yaml.CollectionEndEvent):
                 depth -= 1
     except yaml.MarkedYAMLError as e:
@@ -118,7 +117,7 @@ def parse(text: str | bytes, origin: str, *, loc: str | None = None) -> Raw | No
         raise YamlError(f"{loc or origin}: invalid YAML: {e}") from None
     if node is None:
         return None
-    return _Builder(origin, loc).build(node, None)
+    return _Builder(origin, loc).build(node, None, 0)
 
 
 class _Builder:
@@ -133,8 +132,12 @@ class _Builder:
     def loc(self, node: yaml.Node) -> str:
         return self.fixed_loc or _loc(self.origin, node.start_mark)
 
-    def build(self, node: yaml.Node, loc: str | None) -> Raw:
+    def build(self, node: yaml.Node, loc: str | None, depth: int) -> Raw:
         self.count += 1
+        if depth > MAX_DEPTH:
+            # Aliases can nest deeper than the text does (each anchor wrapping
+            # the previous one): check again on the expanded tree.
+            raise YamlError(f"{self.loc(node)}: nested deeper than {MAX_DEPTH} levels")
         if self.count > MAX_NODES:
             # Only alias expansion can get here within MAX_BYTES: refuse the bomb.
             raise YamlError(
@@ -150,7 +153,7 @@ class _Builder:
         if isinstance(node, yaml.SequenceNode):
             if node.tag != _SEQ_TAG:
                 raise YamlError(f"{here}: YAML tag {node.tag!r} is not allowed")
-            return RawSeq(here, [self.build(item, None) for item in node.value])
+            return RawSeq(here, [self.build(item, None, depth + 1) for item in node.value])
         if isinstance(node, yaml.MappingNode):
             if node.tag != _MAP_TAG:
                 raise YamlError(f"{here}: YAML tag {node.tag!r} is not allowed")
@@ -159,7 +162,7 @@ class _Builder:
                 kloc = self.loc(knode)
                 if knode.tag == f"{_YAML}merge":
                     raise YamlError(f"{kloc}: merge keys ('<<') are not supported")
-                key = self.build(knode, None)
+                key = self.build(knode, None, depth + 1)
                 if not isinstance(key, RawScalar) or not isinstance(key.value, str):
                     shown = key.value if isinstance(key, RawScalar) else "a collection"
                     raise YamlError(f"{kloc}: keys must be strings, got {shown!r}")
@@ -167,7 +170,7 @@ class _Builder:
                     raise YamlError(f"{kloc}: duplicate key {key.value!r}")
                 # A mapping value is located at its key: that is the line a
                 # person looks at for `port: 70000` or a block under `allow:`.
-                out.items[key.value] = self.build(vnode, kloc)
+                out.items[key.value] = self.build(vnode, kloc, depth + 1)
             return out
         raise YamlError(f"{here}: unsupported YAML node")
 

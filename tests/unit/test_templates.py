@@ -495,6 +495,15 @@ def test_very_deep_nesting_does_not_blow_the_stack(tmp_path: Path) -> None:
     assert "nested deeper than" in msg
 
 
+def test_alias_chains_cannot_nest_deeper(tmp_path: Path) -> None:
+    # each anchor wraps the previous one: shallow text, deep expanded tree
+    lines = ["name: x", "a0: &a0 [x]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}]" for i in range(1, 100)]  # ~5k nodes: under the budget
+    path, msg = error_of(tmp_path, "\n".join(lines) + "\n")
+    assert "nested deeper than" in msg
+    assert msg.startswith(path)
+
+
 def test_huge_document_refused(tmp_path: Path) -> None:
     filler = "".join(f"  K{i}: '{'x' * 60}'\n" for i in range(5000))
     path, msg = error_of(tmp_path, "name: x\nenv:\n" + filler)
