@@ -333,11 +333,11 @@ async def agent_logs(request: web.Request) -> web.StreamResponse:
     manager, name = _manager(request), request.match_info["name"]
     service = request.query.get("service") or None
     tail = _int_query(request, "tail")
+    # The backlog is read before the response starts, so a missing agent or
+    # service is reported as a JSON error rather than as a stream cut short.
     data = await _call(manager.logs, name, service, tail)
     if not _flag(request, "follow"):
         return web.Response(body=data, content_type="application/octet-stream")
-    # The follow iterator is asked for before the backlog is sent so that a
-    # missing agent or service is still reported as a JSON error, not a cut stream.
     follow = manager.follow_logs(name, service)
     if inspect.isawaitable(follow):
         follow = await follow

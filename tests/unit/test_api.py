@@ -361,3 +361,12 @@ def test_exec_client_going_away_kills_the_command(sock_dir: str) -> None:
         assert manager.execs[0].proc.returncode == -9
 
     run_with_api(sock_dir, body)
+
+
+def test_socket_permission_problems_are_named() -> None:
+    from supervisor.client import not_running
+
+    error = not_running("/run/x.sock", PermissionError(13, "Permission denied"))
+    assert "permission denied on the API socket /run/x.sock" in str(error)
+    assert "corral group" in error.hint
+    assert isinstance(not_running("/run/x.sock", FileNotFoundError(2, "x")), DaemonNotRunning)
