@@ -347,8 +347,10 @@ def _stdin_source() -> int | BinaryIO:
 
 @cli.command("exec", context_settings={"ignore_unknown_options": True})
 @click.argument("name")
-@click.option("--user", "-u", help="Run as this user (default: the agent's user).")
-@click.option("--tty", "-t", "want_tty", is_flag=True,
+# Long options only: short ones would capture the command's own flags
+# (`corral exec web ls -t` must reach ls), since click parses interspersed options.
+@click.option("--user", help="Run as this user (default: the agent's user).")
+@click.option("--tty", "want_tty", is_flag=True,
               help="Give the command a terminal (interactive programs).")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context

@@ -320,3 +320,10 @@ def test_one_line_folds_multiline_errors() -> None:
 
     text = one_line(TemplateError("a.yaml:1: x: bad\na.yaml:2: y: bad", hint="fix it"))
     assert text == "a.yaml:1: x: bad; a.yaml:2: y: bad (hint: fix it)"
+
+
+def test_exec_passes_the_commands_own_options_through(api: Api) -> None:
+    result = api.run("exec", "web", "sh", "-c", "echo $0 $1", "-t", "-u")
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert result.stdout == "-t -u\n"
+    assert api.manager.calls[-1][3:] == ("root", None)
