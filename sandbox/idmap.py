@@ -1,6 +1,3 @@
-# ruff: noqa: PTH115
-# (paths here are strings handed straight to syscalls: os.* on purpose)
-# (paths here are strings handed straight to syscalls: os.* on purpose)
 """idmap: an idmapped (detached) copy of a directory tree.
 
 Mechanism: a throw-away user namespace whose uid/gid maps say "on-disk id A is
@@ -9,15 +6,16 @@ userns_fd) + move_mount. The mount shows the owner's files as owned by the
 sandbox's uid, so the agent can edit them through the overlay (overlayfs
 accepts idmapped lower layers since Linux 5.19; the upper stays plain).
 
-A user namespace needs a process to exist in; we fork a child that unshares
-CLONE_NEWUSER, write its maps from here (we hold CAP_SETUID/CAP_SETGID in the
-parent namespace, so any mapping is allowed), keep a descriptor of the
-namespace and let the child go.
+A user namespace needs a process to exist in; we clone a child straight into
+a new one (CLONE_NEWUSER), write its maps from here (we hold CAP_SETUID and
+CAP_SETGID in the parent namespace, so any mapping is allowed), keep a
+descriptor of the namespace and let the child go.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 
 from sandbox import kernel
 from sandbox.errors import KernelError
@@ -49,37 +47,27 @@ def id_map(disk: int, shown: int) -> str:
 
 def make_userns(uid_disk: int, uid_shown: int, gid_disk: int, gid_shown: int,
                 proc: str = "/proc") -> int:
-    """An fd of a new user namespace whose maps show uid/gid `*_disk` as `*_shown`."""
-    r, w = os.pipe2(os.O_CLOEXEC)
-    r2, w2 = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            os.close(r)
-            os.close(w2)
-            kernel.unshare(kernel.CLONE_NEWUSER)
-            # Our pid as the host's /proc names it (we may live in a pid ns).
-            os.write(w, os.readlink(f"{proc}/self").encode())
-            os.close(w)
-            os.read(r2, 1)  # wait until the parent has its fd
-        finally:
-            os._exit(0)
-    os.close(w)
-    os.close(r2)
+    """An fd of a new user namespace whose maps show uid/gid `*_disk` as `*_shown`.
+
+    Must run where `proc` shows our own pid namespace (the host side, before
+    the sandbox's init exists). Safe in a multithreaded caller: the helper is
+    a clone(CLONE_VM) child parked in pause(), not a fork of the interpreter.
+    """
+    pid, stack = kernel.clone_paused(kernel.CLONE_NEWUSER)
     try:
-        host_pid = os.read(r, 32).decode()
-        if not host_pid:
-            raise KernelError("unshare(CLONE_NEWUSER) failed in the idmap helper")
         for name, text in (("uid_map", id_map(uid_disk, uid_shown)),
                            ("setgroups", "deny"),
                            ("gid_map", id_map(gid_disk, gid_shown))):
-            with open(f"{proc}/{host_pid}/{name}", "w") as f:
+            with open(f"{proc}/{pid}/{name}", "w") as f:
                 f.write(text)
-        return os.open(f"{proc}/{host_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        return os.open(f"{proc}/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise KernelError(f"writing the id maps of user namespace helper {pid} failed: {e}",
+                          errno=e.errno or 0) from e
     finally:
-        os.close(r)
-        os.close(w2)
+        os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+        del stack
 
 
 def idmapped_tree(path: str, target: str, userns_fd: int) -> None:

@@ -219,3 +219,30 @@ def cap_last_cap() -> int:
     """Highest capability number this kernel knows (may exceed libcap's list)."""
     with open("/proc/sys/kernel/cap_last_cap") as f:
         return int(f.read())
+
+
+# --- a parked child in new namespaces, without forking the interpreter ---
+SIGCHLD = 17
+CLONE_VM = 0x00000100
+_STACK_SIZE = 64 * 1024
+
+
+def clone_paused(flags: int) -> tuple[int, object]:
+    """clone(2) a child that only runs libc's pause(), in namespaces `flags`.
+
+    Used to own a fresh user namespace long enough to write its id maps and
+    open /proc/<pid>/ns/user. CLONE_VM shares our address space, so unlike
+    fork() nothing is copied (a large Python process forks in tens of ms); the
+    child touches nothing but its own small stack. Returns (pid, stack): keep
+    the stack object alive until the child is reaped; end the child with
+    SIGKILL.
+    """
+    stack = ctypes.create_string_buffer(_STACK_SIZE)
+    top = ctypes.c_void_p((ctypes.addressof(stack) + _STACK_SIZE) & ~0xF)
+    fn = ctypes.cast(_libc.pause, ctypes.c_void_p)
+    _libc.clone.restype = ctypes.c_int
+    _libc.clone.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    pid = _libc.clone(fn, top, ctypes.c_int(flags | CLONE_VM | SIGCHLD), None)
+    if pid < 0:
+        raise _fail(f"clone({hex(flags)})")
+    return int(pid), stack

@@ -282,7 +282,9 @@ def _source_is_dir(op: MountOp) -> bool:
 
 
 class _Applier:
-    def __init__(self, ops: list[MountOp], uid: int, gid: int, spec: SandboxSpec | None):
+    def __init__(self, ops: list[MountOp], uid: int, gid: int, spec: SandboxSpec | None,
+                 userns_fd: int | None):
+        self.userns_fd = userns_fd
         self.ops = ops
         self.by_target = {_norm(o.target): o for o in ops}
         self.spec = spec
@@ -355,7 +357,8 @@ class _Applier:
             kids = [(_norm(c)[len(_norm(op.target)):].lstrip("/"),
                      _source_is_dir(self.by_target[_norm(c)])) for c in op.children]
             got = overlay.mount_workspace(self.spec, tgt, host_root=STAGE_OLD,
-                                          scratch=self.scratch("ws"), mountpoints=kids)
+                                          scratch=self.scratch("ws"), mountpoints=kids,
+                                          userns_fd=self.userns_fd)
             self.result.mounted.append(tgt)
             self.result.uid, self.result.gid = got.uid, got.gid
             self.result.idmapped = got.idmapped
@@ -415,13 +418,14 @@ class _Applier:
 
 
 def apply_mounts(ops: Iterable[MountOp], staging: str, *, uid: int, gid: int,
-                 spec: SandboxSpec | None = None,
+                 spec: SandboxSpec | None = None, userns_fd: int | None = None,
                  before_pivot: Callable[[], None] | None = None) -> Applied:
     """Build the tree described by `ops` and pivot_root into it.
 
     Must run in a fresh mount namespace (and, for /proc, the sandbox's pid
     namespace). `staging` is an existing empty host directory (the run dir's
-    `root`); the tmpfs mounted on it is private to the namespace.
+    `root`); the tmpfs mounted on it is private to the namespace. `userns_fd`
+    (from overlay.workspace_userns) idmaps the workspace's lower layer.
     """
     ops = list(ops)
     # Nothing we do may propagate back to the host's namespace.
@@ -435,7 +439,7 @@ def apply_mounts(ops: Iterable[MountOp], staging: str, *, uid: int, gid: int,
     empty = SCRATCH + "/empty"
     os.close(os.open(empty, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o000))
 
-    ap = _Applier(ops, uid, gid, spec)
+    ap = _Applier(ops, uid, gid, spec, userns_fd)
     for op in ops:
         try:
             ap.run(op)

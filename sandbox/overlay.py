@@ -94,8 +94,28 @@ class Mounted:
     idmapped: bool
 
 
+def workspace_userns(spec: SandboxSpec) -> int | None:
+    """Host side, before init exists: a user namespace fd for the idmapped lower.
+
+    None when no mapping is needed (the project already belongs to the
+    sandbox's uid) or the kernel refuses user namespaces (then the workload
+    falls back to the owner's uid, see mount_workspace).
+    """
+    ws = spec.workspace
+    if ws.mode != "overlay" or not ws.project:
+        return None
+    owner_uid, owner_gid = project_owner(ws)
+    if (owner_uid, owner_gid) == (spec.uid, spec.gid):
+        return None
+    try:
+        return idmap.make_userns(owner_uid, spec.uid, owner_gid, spec.gid)
+    except KernelError as e:
+        log.warning("no user namespace for an idmapped workspace of %s: %s", spec.name, e)
+        return None
+
+
 def mount_workspace(spec: SandboxSpec, target: str, *, host_root: str, scratch: str,
-                    mountpoints: list[tuple[str, bool]]) -> Mounted:
+                    mountpoints: list[tuple[str, bool]], userns_fd: int | None) -> Mounted:
     """Mount the workspace overlay at `target` (inside the mount namespace being built).
 
     `host_root` is where the host's tree is reachable (/oldroot after the first
@@ -103,6 +123,7 @@ def mount_workspace(spec: SandboxSpec, target: str, *, host_root: str, scratch: 
     relative paths (is_dir) that later mounts need inside the workspace: they
     go into an extra top lower layer ("mask"), so they exist without touching
     the project or showing up in the upper dir (and so in `diff`).
+    `userns_fd` comes from workspace_userns (None: no idmapping possible).
     """
     from sandbox import kernel
 
@@ -118,12 +139,9 @@ def mount_workspace(spec: SandboxSpec, target: str, *, host_root: str, scratch: 
         lower = f"{scratch}/lower"
         os.mkdir(lower, 0o755)
         try:
-            ns = idmap.make_userns(owner_uid, spec.uid, owner_gid, spec.gid,
-                                   proc=host_root + "/proc")
-            try:
-                idmap.idmapped_tree(project, lower, ns)
-            finally:
-                os.close(ns)
+            if userns_fd is None:
+                raise KernelError("no user namespace for the id mapping")
+            idmap.idmapped_tree(project, lower, userns_fd)
             mapped = True
         except KernelError as e:
             log.warning("idmapped lower layer refused (%s): running %s as the project "

@@ -6,12 +6,13 @@
 Mechanism. `start` unshares CLONE_NEWPID in the *calling thread* (it only
 affects that thread's future children), forks — the child is PID 1 of the new
 pid namespace and a direct child of the caller, who waitpid()s it — and
-setns()es the thread back to its own pid namespace. The child waits on a sync
-pipe until the parent has put it in the sandbox's cgroup, then joins the
-netns, unshares mount/uts/ipc/cgroup namespaces, sets the hostname, builds
-the mount tree (sandbox.mounts), forks the workload and becomes the reaper
-(sandbox.init). The workload drops every privilege (bounding set, ambient,
-uid/gid, effective/permitted/inheritable, no_new_privs) and execs.
+setns()es the thread back to its own pid namespace. The child joins the netns,
+unshares mount/uts/ipc namespaces, sets the hostname and builds the mount
+tree (sandbox.mounts) while the parent puts it in the sandbox's cgroup; it
+waits on a sync pipe for that before it unshares its cgroup namespace and
+starts the workload, then becomes the reaper (sandbox.init). The workload
+runs with every privilege dropped (bounding set, ambient, uid/gid,
+effective/permitted/inheritable, no_new_privs).
 
 Errors in the children travel back over a pipe as a typed JSON message (the
 youki way, not an exit code) and are raised in the caller as KernelError or
@@ -41,7 +42,7 @@ from typing import NoReturn
 
 import prctl
 
-from sandbox import init, kernel, mounts
+from sandbox import init, kernel, mounts, overlay
 from sandbox.cgroups import CgroupDriver
 from sandbox.cgroups import cgroup_mounts as _cgroup_mounts
 from sandbox.cgroups.base import read_proc_cgroup
@@ -166,15 +167,24 @@ def drop_privileges(uid: int, gid: int) -> None:
     prctl.set_no_new_privs(1)
 
 
+#: Signals whose disposition the workload must get back at default: Python
+#: ignores SIGPIPE/SIGXFSZ and handles SIGINT; init forwards the rest; execve
+#: keeps "ignored" (subprocess's restore_signals=True does the same).
+RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
+                 signal.SIGQUIT, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2,
+                 signal.SIGWINCH)
+
+
 def _exec_workload(argv: Sequence[str], env: Mapping[str, str], cwd: str, uid: int, gid: int,
                    ctty: bool, errfd: int) -> NoReturn:
-    """Child: become the agent's process and exec `argv` (never returns)."""
+    """Forked child: become the agent's process and exec `argv` (never returns).
+
+    The path for a controlling terminal (TIOCSCTTY must be called by the new
+    session's leader, which posix_spawn cannot do).
+    """
     step = "workload setup"
     try:
-        # Python ignores SIGPIPE and may have handlers installed; execve keeps
-        # "ignored", so restore defaults like subprocess(restore_signals=True).
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM,
-                    signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD):
+        for sig in RESET_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         step = "setsid"
@@ -194,36 +204,78 @@ def _exec_workload(argv: Sequence[str], env: Mapping[str, str], cwd: str, uid: i
     os._exit(127)
 
 
-def _init_main(spec: SandboxSpec, ops: list[mounts.MountOp], staging: str, ctty: bool,
-               has_net: bool) -> NoReturn:
-    """PID 1 of the new pid namespace: fds are 0-2 stdio, 3 errors, 4 sync, 5 netns."""
-    step = "wait for cgroup"
+def _launch(argv: Sequence[str], env: Mapping[str, str], cwd: str, uid: int, gid: int,
+            ctty: bool, errfd: int) -> tuple[int, bool]:
+    """Start the workload from init (or the enter helper); returns (pid, dropped).
+
+    Without a terminal: drop our own privileges, then posix_spawn (vfork +
+    exec: no copy of this large Python process, which costs tens of ms to
+    fork on a busy host) — exec errors come back as OSError right here. With
+    a terminal: fork, and the child drops privileges itself. `dropped` says
+    whether the caller already runs unprivileged.
+    """
+    if ctty:
+        init.install_forwarding()
+        pid = os.fork()
+        if pid == 0:
+            init.reset_forwarding()
+            _exec_workload(argv, env, cwd, uid, gid, ctty, errfd)
+        return pid, False
+    drop_privileges(uid, gid)
+    os.umask(0o022)
     try:
-        if os.read(4, 2) != b"go":  # parent gone or gave up
-            os._exit(1)
-        os.close(4)
-        if has_net:
-            step = "join netns"
-            kernel.setns(5, kernel.CLONE_NEWNET)
-            os.close(5)
+        os.chdir(cwd)
+    except OSError as e:
+        raise _oserror(f"chdir({cwd!r})", e) from e
+    init.install_forwarding()
+    try:
+        pid = os.posix_spawnp(argv[0], list(argv), dict(env), setsid=True,
+                              setsigdef=RESET_SIGNALS, setsigmask=())
+    except OSError as e:
+        raise _oserror(f"execve({argv[0]!r})", e) from e
+    return pid, True
+
+
+def _oserror(call: str, e: OSError) -> KernelError:
+    name = errno_mod.errorcode.get(e.errno or 0, str(e.errno))
+    return KernelError(f"{call} failed: {name} ({e.strerror})", errno=e.errno or 0)
+
+
+def _init_main(spec: SandboxSpec, ops: list[mounts.MountOp], staging: str, ctty: bool,
+               net_fd: int | None, userns_fd: int | None) -> NoReturn:
+    """PID 1 of the new pid namespace: fds are 0-2 stdio, 3 errors, 4 sync, then
+    `net_fd` and `userns_fd` if given."""
+    step = "join netns"
+    try:
+        # The parent moves us into the sandbox's cgroup meanwhile (a v1
+        # migration costs milliseconds per hierarchy); we only wait for it
+        # before the cgroup namespace (rooted where we are) and the workload.
+        if net_fd is not None:
+            kernel.setns(net_fd, kernel.CLONE_NEWNET)
+            os.close(net_fd)
         step = "unshare"
-        kernel.unshare(kernel.CLONE_NEWNS | kernel.CLONE_NEWUTS | kernel.CLONE_NEWIPC
-                       | kernel.CLONE_NEWCGROUP)
+        kernel.unshare(kernel.CLONE_NEWNS | kernel.CLONE_NEWUTS | kernel.CLONE_NEWIPC)
         step = "sethostname"
         kernel.sethostname(spec.hostname)
         step = "mounts"
-        applied = mounts.apply_mounts(ops, staging, uid=spec.uid, gid=spec.gid, spec=spec)
+        applied = mounts.apply_mounts(ops, staging, uid=spec.uid, gid=spec.gid, spec=spec,
+                                      userns_fd=userns_fd)
+        if userns_fd is not None:
+            os.close(userns_fd)
         cwd = spec.workspace.inside if (spec.workspace.mode != "none"
                                         and os.path.isdir(spec.workspace.inside)) else HOME
-        step = "fork workload"
-        init.install_forwarding()
-        main = os.fork()
-        if main == 0:
-            init.reset_forwarding()
-            _exec_workload(spec.command, workload_env(spec), cwd, applied.uid, applied.gid,
-                           ctty, 3)
+        step = "wait for cgroup"
+        if os.read(4, 2) != b"go":  # parent gone or gave up
+            os._exit(1)
+        os.close(4)
+        step = "unshare cgroup namespace"
+        kernel.unshare(kernel.CLONE_NEWCGROUP)
+        step = f"start workload {spec.command[0]!r}"
+        main, dropped = _launch(spec.command, workload_env(spec), cwd, applied.uid,
+                                applied.gid, ctty, 3)
         os.close(3)
-        init.run(main, drop=lambda: drop_privileges(applied.uid, applied.gid))
+        init.run(main, drop=None if dropped else
+                 (lambda: drop_privileges(applied.uid, applied.gid)))
     except BaseException as e:
         _report(3, step, e)
     os._exit(1)
@@ -245,10 +297,14 @@ def start(spec: SandboxSpec, *, stdin: int, stdout: int, stderr: int, ctty: bool
         except OSError as e:
             raise HostSetupError(f"netns {spec.network.netns_path!r}: {e.strerror}",
                                  hint="run lifecycle.prepare first") from e
+    userns = overlay.workspace_userns(spec)
     sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-    child_fds = [stdin, stdout, stderr, err_w, sync_r] + ([netfd] if netfd >= 0 else [])
+    extra = [fd for fd in (netfd, userns) if fd is not None and fd >= 0]
+    child_fds = [stdin, stdout, stderr, err_w, sync_r, *extra]
+    net_at = 5 if netfd >= 0 else None
+    userns_at = (5 + (net_at is not None)) if userns is not None else None
     pid = -1
     try:
         kernel.unshare(kernel.CLONE_NEWPID)
@@ -259,13 +315,13 @@ def start(spec: SandboxSpec, *, stdin: int, stdout: int, stderr: int, ctty: bool
                     _arrange_fds(child_fds)
                 except BaseException:
                     os._exit(1)
-                _init_main(spec, ops, staging, ctty, netfd >= 0)
+                _init_main(spec, ops, staging, ctty, net_at, userns_at)
         finally:
             if pid != 0:
                 kernel.setns(own_pidns, kernel.CLONE_NEWPID)
     finally:
         if pid != 0:
-            for fd in (own_pidns, sync_r, err_w, *([netfd] if netfd >= 0 else [])):
+            for fd in (own_pidns, sync_r, err_w, *extra):
                 os.close(fd)
             if pid < 0:
                 os.close(sync_w)
@@ -403,14 +459,10 @@ def _enter_child(argv: Sequence[str], env: Mapping[str, str], cwd: str, uid: int
             step = f"setns({flag:#x})"
             kernel.setns(fd, flag)
             os.close(fd)
-        step = "fork command"
-        init.install_forwarding()
-        child = os.fork()
-        if child == 0:
-            init.reset_forwarding()
-            _exec_workload(argv, env, cwd, uid, gid, ctty, 3)
+        step = f"start {argv[0]!r} in {cwd!r}"
+        child, dropped = _launch(argv, env, cwd, uid, gid, ctty, 3)
         os.close(3)
-        init.mirror(child, drop=lambda: drop_privileges(uid, gid))
+        init.mirror(child, drop=None if dropped else (lambda: drop_privileges(uid, gid)))
     except BaseException as e:
         _report(3, step, e)
     os._exit(127)

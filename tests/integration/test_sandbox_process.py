@@ -11,7 +11,7 @@ import pytest
 
 from sandbox import process
 from sandbox.errors import KernelError, NotFound
-from tests.integration.sandbox_kit import box, make_spec
+from tests.integration.sandbox_kit import Box, box, make_spec
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("need_root")]
 
@@ -46,6 +46,16 @@ def test_workload_has_no_privileges_own_identity(tmp_path: Path, uniq: str) -> N
                        for line in f)
 
 
+def _workload_pids(b: Box, exclude: set[int]) -> list[int]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        pids = [p for p in b.cg.procs(b.spec.cgroup) if p not in exclude]
+        if pids:
+            return pids
+        time.sleep(0.02)
+    raise AssertionError("no workload process appeared")
+
+
 def test_only_own_processes_visible_and_no_leaked_fds(tmp_path: Path, uniq: str) -> None:
     spec = make_spec(tmp_path, uniq)
     leak = os.open("/etc/hostname", os.O_RDONLY)  # inheritable, not CLOEXEC
@@ -53,16 +63,40 @@ def test_only_own_processes_visible_and_no_leaked_fds(tmp_path: Path, uniq: str)
     try:
         with box(spec) as b:
             r = b.run("ls /proc | grep -E '^[0-9]+$' | sort -n | tr '\\n' ' '; echo;"
-                      "ls /proc/$$/fd | sort -n | tr '\\n' ' '; echo;"
-                      "kill -0 1 && echo init-visible; stat -c %u /proc/1;"
-                      "ls -l /proc/1/cwd 2>&1 | grep -c Permission")
-            pids_line, fds_line, *rest = r.out.splitlines()
+                      "kill -0 1 && echo init-visible; ls /proc/1/fd 2>&1 | grep -c denied")
+            pids_line, *rest = r.out.splitlines()
             pids = [int(p) for p in pids_line.split()]
             # init (1), sh, ls, grep, sort, tr: nothing of the host
             assert pids[0] == 1, r.out
             assert max(pids) < 20, r.out
-            assert fds_line.split() == ["0", "1", "2"], r.out
             assert "init-visible" in rest  # positive control: own processes are there
+            assert rest[-1] == "1"  # init's fds are not the agent's to look at
+            # from the host: the workload (start and enter) holds exactly 0, 1, 2
+            st = b.start("/bin/sleep", "1000")
+            (sleeper,) = _workload_pids(b, {st.init_pid})
+            assert sorted(os.listdir(f"/proc/{sleeper}/fd")) == ["0", "1", "2"]
+            assert os.readlink(f"/proc/{sleeper}/cwd") == "/workspace"
+            null = os.open("/dev/null", os.O_RDWR)
+            try:
+                helper = process.enter(spec, st.init_pid, ["/bin/sleep", "1000"],
+                                       env={}, cwd="/tmp", stdin=null, stdout=null,
+                                       stderr=null)
+            finally:
+                os.close(null)
+            try:
+                entered = [p for p in _workload_pids(b, {st.init_pid, sleeper, helper})
+                           if p != helper]
+                deadline = time.monotonic() + 30
+                while not entered and time.monotonic() < deadline:
+                    entered = [p for p in _workload_pids(b, {st.init_pid, sleeper, helper})]
+                (e,) = entered
+                assert sorted(os.listdir(f"/proc/{e}/fd")) == ["0", "1", "2"]
+                assert os.readlink(f"/proc/{e}/cwd") == "/tmp"
+                # positive control: the leak is real in an ordinary child of the test
+                assert str(leak) in os.listdir("/proc/self/fd")
+            finally:
+                os.kill(helper, signal.SIGKILL)
+                os.waitpid(helper, 0)
     finally:
         os.close(leak)
 

@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""corral's benchmark harness: `scripts/bench [SECTION...] [--runs N]`.
+
+Each section is a function registered in SECTIONS; later issues add theirs.
+Results are printed as a markdown table (paste into BENCHMARKS.md).
+
+Section `sandbox`: create -> run `true` inside -> release, for the full
+sandbox (netns + veth + cgroup with limits + overlay workspace with an
+idmapped lower + mount tree + pid namespace + privilege drop), side by side
+in the same run with `bwrap --unshare-all ...` and `unshare -fmpuin
+--mount-proc true`, runs interleaved so machine noise hits all three alike.
+"create" is prepare + start until the workload has exec'd (start returns
+then); "release" is waiting for the workload's exit, then full teardown.
+Then the same again with 100 sandboxes already running. Needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from sandbox import cgroups, lifecycle, netns  # noqa: E402
+from sandbox.cgroups import CgroupDriver  # noqa: E402
+from sandbox.spec import Limits, Network, SandboxSpec, Workspace  # noqa: E402
+
+BWRAP = ["bwrap", "--unshare-all", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+         "true"]
+UNSHARE = ["unshare", "-fmpuin", "--mount-proc", "true"]
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    k = (len(xs) - 1) * p
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def ms(x: float) -> str:
+    return f"{x * 1000:.1f}"
+
+
+class Bench:
+    """State for the sandbox section: a temp tree, a project, unique names."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.tag = "b" + secrets.token_hex(3)
+        self.cg = cgroups.detect()
+        self.project = base / "project"
+        (self.project / "src").mkdir(parents=True)
+        for i in range(20):
+            (self.project / "src" / f"f{i}.py").write_text(f"x = {i}\n")
+        for p in [self.project, *self.project.rglob("*")]:
+            os.lchown(p, 1000, 1000)
+        self.n = 0
+
+    def spec(self, command: tuple[str, ...] = ("/bin/true",)) -> SandboxSpec:
+        self.n += 1
+        name = f"{self.tag}-{self.n}"
+        d = self.base / name
+        k = secrets.randbelow(1 << 13) * 4 + self.n * 4 % (1 << 15)
+        b = (198 << 24) | (18 << 16) | (k % (1 << 15))
+
+        def a(i: int) -> str:
+            return ".".join(str((b + i) >> s & 255) for s in (24, 16, 8, 0))
+
+        uid = 200000 + (secrets.randbelow(60000))
+        return SandboxSpec(
+            name=name, uid=uid, gid=uid, state_dir=str(d / "state"), run_dir=str(d / "run"),
+            cgroup=name, command=command, home=str(d / "state" / "home"),
+            workspace=Workspace(mode="overlay", project=str(self.project)),
+            limits=Limits(memory_bytes=512 << 20, pids=256, cpus=1.0),
+            network=Network(netns_path=str(d / "netns"), veth_host=netns.veth_name(self.tag, name),
+                            address=f"{a(2)}/30", gateway=f"{a(1)}/30"))
+
+    def cycle(self) -> tuple[float, float]:
+        """One full sandbox: (create-until-running, release incl. waiting for exit)."""
+        spec = self.spec()
+        null = os.open("/dev/null", os.O_RDWR)
+        try:
+            t0 = time.perf_counter()
+            lifecycle.prepare(spec, self.cg)
+            st = lifecycle.start(spec, self.cg, stdin=null, stdout=null, stderr=null)
+            t1 = time.perf_counter()
+            _, status = os.waitpid(st.init_pid, 0)
+            lifecycle.release(spec, self.cg, remove_workspace=True)
+            t2 = time.perf_counter()
+        finally:
+            os.close(null)
+        if status != 0:
+            raise RuntimeError(f"sandbox workload failed: status {status}")
+        shutil.rmtree(Path(spec.state_dir).parent, ignore_errors=True)
+        return t1 - t0, t2 - t1
+
+    @contextmanager
+    def background(self, count: int) -> Iterator[None]:
+        """`count` sandboxes running `sleep` meanwhile (all released afterwards)."""
+        running: list[tuple[SandboxSpec, int]] = []
+        null = os.open("/dev/null", os.O_RDWR)
+        try:
+            for _ in range(count):
+                spec = self.spec(("/bin/sleep", "100000"))
+                lifecycle.prepare(spec, self.cg)
+                st = lifecycle.start(spec, self.cg, stdin=null, stdout=null, stderr=null)
+                running.append((spec, st.init_pid))
+            yield
+        finally:
+            os.close(null)
+            for spec, pid in running:
+                try:
+                    lifecycle.release(spec, self.cg, remove_workspace=True)
+                finally:
+                    try:
+                        os.waitpid(pid, 0)
+                    except ChildProcessError:
+                        pass
+
+
+def timed(argv: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def measure(b: Bench, runs: int) -> dict[str, list[float]]:
+    res: dict[str, list[float]] = {k: [] for k in ("create", "release", "cycle", "bwrap",
+                                                    "unshare")}
+    for _ in range(3):  # warm caches (page cache, pyroute2 imports)
+        b.cycle()
+        timed(BWRAP)
+        timed(UNSHARE)
+    for _ in range(runs):
+        c, r = b.cycle()
+        res["create"].append(c)
+        res["release"].append(r)
+        res["cycle"].append(c + r)
+        res["bwrap"].append(timed(BWRAP))
+        res["unshare"].append(timed(UNSHARE))
+    return res
+
+
+def report(title: str, res: dict[str, list[float]]) -> list[str]:
+    bw = statistics.median(res["bwrap"])
+    out = [f"### {title}", "",
+           "| measure | p50 ms | p95 ms | p50 / bwrap whole run |",
+           "|---|---:|---:|---:|"]
+    labels = {"create": "corral create → workload running", "release": "corral release",
+              "cycle": "corral full cycle (create → true → release)",
+              "bwrap": "bwrap --unshare-all … true (whole run)",
+              "unshare": "unshare -fmpuin --mount-proc true (whole run)"}
+    for k, label in labels.items():
+        xs = res[k]
+        out.append(f"| {label} | {ms(pct(xs, .5))} | {ms(pct(xs, .95))} | "
+                   f"{pct(xs, .5) / bw:.2f}× |")
+    out.append("")
+    return out
+
+
+def section_sandbox(args: argparse.Namespace) -> list[str]:
+    base = Path(tempfile.mkdtemp(prefix="corral-bench-"))
+    try:
+        b = Bench(base)
+        lines = [f"## sandbox ({args.runs} runs each, interleaved; "
+                 f"cgroup driver {b.cg.version})", ""]
+        res0 = measure(b, args.runs)
+        lines += report("no other sandboxes", res0)
+        print("\n".join(lines), flush=True)
+        with b.background(args.existing):
+            res1 = measure(b, args.runs)
+        more = report(f"with {args.existing} sandboxes already running", res1)
+        growth = statistics.median(res1["cycle"]) / statistics.median(res0["cycle"])
+        more.append(f"Full cycle p50 with {args.existing} running / without: {growth:.2f}×")
+        more.append("")
+        print("\n".join(more), flush=True)
+        return lines + more
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], list[str]]] = {
+    "sandbox": section_sandbox,
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("sections", nargs="*", help=f"some of: {', '.join(SECTIONS)} (default all)")
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--existing", type=int, default=100,
+                    help="sandboxes running in the background for the scale measurement")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("scripts/bench: needs root (namespaces, cgroups, netns)", file=sys.stderr)
+        return 1
+    unknown = [s for s in args.sections if s not in SECTIONS]
+    if unknown:
+        ap.error(f"unknown section(s) {unknown}; have {list(SECTIONS)}")
+    print(f"# corral benchmarks — {platform.node()}, {platform.platform()}, "
+          f"{os.cpu_count()} CPUs, Python {platform.python_version()}\n", flush=True)
+    for name in args.sections or list(SECTIONS):
+        SECTIONS[name](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
