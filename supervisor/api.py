@@ -347,8 +347,8 @@ async def agent_logs(request: web.Request) -> web.StreamResponse:
         await response.write(data)
         async for chunk in follow:
             await response.write(chunk)
-    except (ConnectionResetError, asyncio.CancelledError):
-        return response
+    except ConnectionResetError:
+        return response  # the client went away
     finally:
         await _aclose(follow)
     await response.write_eof()
@@ -381,8 +381,8 @@ async def events(request: web.Request) -> web.StreamResponse:
             await response.write(_line(event))
         async for event in follow:
             await response.write(_line(event))
-    except (ConnectionResetError, asyncio.CancelledError):
-        return response
+    except ConnectionResetError:
+        return response  # the client went away
     finally:
         await _aclose(follow)
     await response.write_eof()

@@ -370,3 +370,31 @@ def test_socket_permission_problems_are_named() -> None:
     assert "permission denied on the API socket /run/x.sock" in str(error)
     assert "corral group" in error.hint
     assert isinstance(not_running("/run/x.sock", FileNotFoundError(2, "x")), DaemonNotRunning)
+
+
+def test_shutdown_ends_follow_streams_and_websockets(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "api.sock")
+    manager = FakeManager()
+    manager.follow_forever = True
+
+    async def main() -> None:
+        server = await serve(manager, path, group="corral-test-nogroup")
+        async with AsyncClient(path) as client:
+            ws = await client.ws_connect("/v1/agents/web/attach")
+            assert (await ws.receive(timeout=30)).type == aiohttp.WSMsgType.BINARY
+            async with client.session.get("http://corral/v1/events?follow=1") as r:
+                assert json.loads(await r.content.readline())["kind"] == "attach"
+                assert json.loads(await r.content.readline())["kind"] == "detach"
+                await _until(lambda: manager.following == 1)
+                await asyncio.wait_for(server.cleanup(), 30)
+                # The follower's generator was closed and the socket removed.
+                assert manager.following == 0
+                assert not os.path.exists(path)
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await r.content.read()
+            msg = await ws.receive(timeout=30)
+            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            await ws.close()
+        assert manager.closed_sessions == 1
+
+    asyncio.run(asyncio.wait_for(main(), 60))

@@ -169,6 +169,8 @@ class FakeManager:
             {"id": 4, "ts": "2026-01-01T00:02:00+00:00", "kind": "detach", "agent": "web",
              "data": {"user": "root"}},
         ]
+        self.follow_forever = False
+        self.following = 0
         self.add("web", state="running")
         self.add("old", state="stopped")
 
@@ -302,6 +304,12 @@ class FakeManager:
             await asyncio.sleep(0)
             if agent is None or event["agent"] == agent:
                 yield event
+        if self.follow_forever:
+            self.following += 1
+            try:
+                await asyncio.Event().wait()
+            finally:
+                self.following -= 1
 
     # -- workspace --
 
