@@ -22,6 +22,7 @@ from __future__ import annotations
 import builtins
 import copy
 import difflib
+import hashlib
 import ipaddress
 import logging
 import os
@@ -778,12 +779,32 @@ def _shown(raw: Raw) -> str:
 # Files, extends, overrides
 
 
+# path → (content digest, parsed tree). Files are read on every call; only the
+# parse is skipped when the bytes are identical (content, not mtime, decides:
+# file timestamps are too coarse to see two quick edits). Cached trees are
+# never mutated: merging builds new maps and --set works on a deep copy.
+_PARSED: dict[str, tuple[bytes, RawMap]] = {}
+_PARSED_MAX = 1024
+
+
 def _parse_file(path: str) -> RawMap:
     try:
         with open(path, "rb") as f:
             data = f.read(safeyaml.MAX_BYTES + 1)
     except OSError as e:
         raise TemplateError(f"{path}: cannot read: {e.strerror}") from None
+    digest = hashlib.sha256(data).digest()
+    hit = _PARSED.get(path)
+    if hit is not None and hit[0] == digest:
+        return hit[1]
+    raw = _parse_bytes(data, path)
+    if len(_PARSED) >= _PARSED_MAX:
+        _PARSED.clear()
+    _PARSED[path] = (digest, raw)
+    return raw
+
+
+def _parse_bytes(data: bytes, path: str) -> RawMap:
     try:
         raw = safeyaml.parse(data, path)
     except YamlError as e:
