@@ -42,7 +42,7 @@ from typing import NoReturn
 
 import prctl
 
-from sandbox import init, kernel, mounts, overlay
+from sandbox import init, kernel, mounts, overlay, seccomp
 from sandbox.cgroups import CgroupDriver
 from sandbox.cgroups import cgroup_mounts as _cgroup_mounts
 from sandbox.cgroups.base import read_proc_cgroup
@@ -150,7 +150,7 @@ def _arrange_fds(fds: Sequence[int]) -> None:
 
 
 def drop_privileges(uid: int, gid: int) -> None:
-    """Become uid/gid with no capability in any set and no_new_privs."""
+    """Become uid/gid with no capability in any set, no_new_privs and the seccomp filter."""
     if uid == 0 or gid == 0:
         raise HostSetupError("refusing to run a sandbox workload as uid/gid 0")
     # The bounding set must go while we still hold CAP_SETPCAP; walk the
@@ -165,6 +165,7 @@ def drop_privileges(uid: int, gid: int) -> None:
     prctl.cap_inheritable.limit()
     prctl.cap_permitted.limit()
     prctl.set_no_new_privs(1)
+    seccomp.install()  # no nested user namespaces, no TIOCSTI (sandbox.seccomp)
 
 
 #: Signals whose disposition the workload must get back at default: Python

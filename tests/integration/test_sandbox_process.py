@@ -153,7 +153,7 @@ def test_start_errors_are_typed_and_name_the_step(tmp_path: Path, uniq: str) -> 
 def test_init_forwards_sigterm_and_reaps(tmp_path: Path, uniq: str) -> None:
     spec = make_spec(tmp_path, uniq)
     with box(spec) as b:
-        st = b.start("/bin/sh", "-c", "sleep 100 & sleep 100 & trap 'exit 42' TERM; "
+        st = b.start("/bin/sh", "-c", "trap 'exit 42' TERM; sleep 100 & sleep 100 & "
                      "while :; do sleep 0.1; done")
         deadline = time.monotonic() + 30
         while len(b.cg.procs(spec.cgroup)) < 4 and time.monotonic() < deadline:
@@ -178,3 +178,74 @@ def test_netns_has_only_lo_and_eth0(tmp_path: Path, uniq: str) -> None:
         assert r.out.splitlines()[0].split() == ["eth0", "lo"], r.out
         assert spec.network.address in r.out  # positive control: our address is there
         assert Path(f"/sys/class/net/{spec.network.veth_host}").exists()
+
+
+CLONE_NEWUSER_PY = (
+    "import ctypes, os\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "r = libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0)\n"  # clone(CLONE_NEWUSER|SIGCHLD)
+    "if r == 0: os._exit(0)\n"
+    "print('clone', r, ctypes.get_errno())\n"
+    "r = libc.syscall(56, 17, 0, 0, 0, 0)\n"  # positive control: a plain fork-like clone
+    "if r == 0: os._exit(0)\n"
+    "os.waitpid(r, 0); print('plain clone ok', r > 0)\n"
+)
+
+
+def test_no_nested_user_namespaces(tmp_path: Path, uniq: str) -> None:
+    spec = make_spec(tmp_path, uniq)
+    with box(spec) as b:
+        r = b.run("unshare -U true && echo BROKE-unshare; unshare -Urm true && echo BROKE-m;"
+                  f"python3 -c \"{CLONE_NEWUSER_PY}\"; grep Seccomp: /proc/self/status")
+        assert "BROKE" not in r.out, r.out
+        assert "clone -1 1\n" in r.out, r.out  # EPERM
+        assert "plain clone ok True" in r.out, r.out
+        assert "Seccomp:\t2" in r.out
+    # positive control: the same command works outside a sandbox
+    import subprocess
+
+    assert subprocess.run(["unshare", "-U", "true"], check=False).returncode == 0
+
+
+def test_no_terminal_injection(tmp_path: Path, uniq: str) -> None:
+    spec = make_spec(tmp_path, uniq)
+    with box(spec) as b:
+        st = b.start()
+        master, slave = os.openpty()
+        try:
+            pid = process.enter(
+                spec, st.init_pid,
+                ["/usr/bin/python3", "-c",
+                 "import fcntl, termios, struct\n"
+                 "print('winsz', len(fcntl.ioctl(0, termios.TIOCGWINSZ, b'0' * 8)))\n"
+                 "for name in ('TIOCSTI', 'TIOCLINUX'):\n"
+                 "    try:\n"
+                 "        fcntl.ioctl(0, getattr(termios, name, 0x541C), b'x')\n"
+                 "        print('BROKE', name)\n"
+                 "    except OSError as e:\n"
+                 "        print(name, e.errno)\n"],
+                env={"PATH": "/usr/bin:/bin"}, cwd="/", stdin=slave, stdout=slave,
+                stderr=slave, ctty=True)
+            os.close(slave)
+            slave = -1
+            out = b""
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: the last slave user is gone
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            _, status = os.waitpid(pid, 0)
+        finally:
+            os.close(master)
+            if slave >= 0:
+                os.close(slave)
+        text = out.decode()
+        assert os.waitstatus_to_exitcode(status) == 0, text
+        assert "winsz 8" in text  # positive control: an ordinary tty ioctl works
+        assert "BROKE" not in text
+        assert "TIOCSTI 1" in text, text
+        assert "TIOCLINUX 1" in text, text
