@@ -230,14 +230,18 @@ class Store:
             cls._check(conn, path)
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA foreign_keys = ON")
-            # WAL: readers never block the writer; synchronous=FULL so a commit
-            # survives power loss (state changes are rare, durability matters).
+            # WAL: readers never block the writer. synchronous=NORMAL: in WAL
+            # mode a commit survives the process being killed (the threat we
+            # reconcile after) and the file is never corrupted; only a power
+            # loss may drop the last commits, and then every namespace and
+            # process they described is gone too. FULL costs an fsync per
+            # commit: 6 ms vs 0.3 ms here, ~10 commits per `corral create`.
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise HostSetupError(
                     f"state store {path}: cannot switch to WAL mode (got {mode})", hint=hint
                 )
-            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA synchronous = NORMAL")
             store = cls(conn, path, max_events)
             store._init_schema()
         except HostSetupError:
