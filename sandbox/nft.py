@@ -177,8 +177,7 @@ def parse_allow_entry(text: str) -> AllowEntry:
     if net is not None:
         return AllowEntry(text=text, net=net.with_prefixlen, port=port)
     name = host.lower().rstrip(".")
-    bare_wildcard = name.startswith("*.") and "." not in name[2:]
-    if len(name) > 253 or not DOMAIN_RE.match(name) or bare_wildcard:
+    if len(name) > 253 or not DOMAIN_RE.match(name):
         raise CorralError(
             f"allow entry {text!r}: not an address, network or domain name",
             hint="use e.g. 'pypi.org', '*.example.com', 'api.example.com:443', "
