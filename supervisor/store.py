@@ -118,8 +118,8 @@ _OUR_TABLES = {"meta", "agents", "leases", "users", "user_keys", "grants", "even
 
 
 def now_iso() -> str:
-    """UTC now as ISO 8601 with milliseconds (sorts as text)."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+    """UTC now as ISO 8601 with microseconds (fixed width, so it sorts as text)."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 @dataclass(frozen=True)
@@ -667,7 +667,7 @@ class Store:
 
 
 def normalize_iso(text: str) -> str:
-    """An ISO time in the store's format (UTC, milliseconds) so text comparison is correct."""
+    """An ISO time in the store's format (UTC, microseconds) so text comparison is correct."""
     try:
         t = datetime.fromisoformat(text.strip())
     except ValueError:
@@ -676,7 +676,7 @@ def normalize_iso(text: str) -> str:
         ) from None
     if t.tzinfo is None:
         t = t.replace(tzinfo=UTC)  # a time without zone is taken as UTC, like the store's
-    return t.astimezone(UTC).isoformat(timespec="milliseconds")
+    return t.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def _diagnose(p: Path, err: sqlite3.Error) -> str:
