@@ -19,6 +19,8 @@ import signal
 from collections.abc import Callable
 from typing import NoReturn
 
+import prctl
+
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
              signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
 
@@ -80,6 +82,12 @@ def run(main_pid: int, drop: Callable[[], None] | None = None) -> NoReturn:
     try:
         _quiet_stdio()
     except OSError:
+        pass
+    # Inside, PID 1's command line would be the keeper's (host paths, options).
+    try:
+        prctl.set_name("corral-init")
+        prctl.set_proctitle("corral-init")
+    except (OSError, ValueError):
         pass
     if drop is not None:
         # init needs no privilege after setup: it only waits and forwards

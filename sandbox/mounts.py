@@ -57,6 +57,7 @@ OpKind = Literal[
     "mask",  # like hide, but only if target exists (proc/etc masks)
     "readonly",  # bind target onto itself read-only (e.g. /proc/sys)
     "workspace",  # the overlay workspace (see sandbox.overlay)
+    "userdb",  # host passwd/group + an entry for the agent's uid, bound read-only
     "remount_ro",  # make an existing mount (the root tmpfs) read-only
 ]
 
@@ -205,6 +206,11 @@ def plan_mounts(spec: SandboxSpec) -> list[MountOp]:
                                head.data, kids)
         ops.append(head)
         ops.extend(group[1:])
+    if not spec.rootfs and "/etc" in entries and entries["/etc"][0].source == "/etc":
+        # Last: the workload's uid is only known once the workspace is mounted
+        # (idmap fallback). Tools (ssh, git, the shell prompt) want a name.
+        ops.append(MountOp("userdb", "/etc/passwd", source="/etc/passwd"))
+        ops.append(MountOp("userdb", "/etc/group", source="/etc/group"))
     ops.append(MountOp("remount_ro", "/"))
     return ops
 
@@ -362,6 +368,8 @@ class _Applier:
             self.result.mounted.append(tgt)
             self.result.uid, self.result.gid = got.uid, got.gid
             self.result.idmapped = got.idmapped
+        elif k == "userdb":
+            self.userdb(op, tgt)
         elif k == "remount_ro":
             kernel.mount(None, tgt, None, kernel.MS_REMOUNT | kernel.MS_BIND | kernel.MS_RDONLY
                          | kernel.MS_NOSUID | kernel.MS_NODEV)
@@ -397,6 +405,30 @@ class _Applier:
             kernel.mount_setattr(-100, tgt, kernel.AT_RECURSIVE,
                                  (kernel.MOUNT_ATTR_NOSUID if op.flags & kernel.MS_NOSUID else 0)
                                  | (kernel.MOUNT_ATTR_NODEV if op.flags & kernel.MS_NODEV else 0))
+
+    def userdb(self, op: MountOp, tgt: str) -> None:
+        src = _host(_need(op.source))
+        if not os.path.isfile(src) or os.path.islink(tgt):  # noqa: PTH113
+            return
+        with open(src) as f:
+            text = f.read()
+        ident = self.result.uid if op.target == "/etc/passwd" else self.result.gid
+        if any(line.split(":")[2:3] == [str(ident)] for line in text.splitlines()):
+            return  # the id has a name already (the idmap fallback's owner uid)
+        if op.target == "/etc/passwd":
+            entry = (f"agent:x:{self.result.uid}:{self.result.gid}:corral agent:"
+                     "/home/agent:/bin/bash")
+        else:
+            entry = f"agent:x:{self.result.gid}:"
+        if any(line.startswith("agent:") for line in text.splitlines()):
+            entry = "corral-" + entry
+        path = f"{self.scratch('db')}/{op.target.rsplit('/', 1)[1]}"
+        with open(path, "w") as f:
+            f.write(text.rstrip("\n") + "\n" + entry + "\n")
+        os.chmod(path, 0o644)
+        self.mount(path, tgt, None, kernel.MS_BIND)
+        self.mount(None, tgt, None, kernel.MS_BIND | kernel.MS_REMOUNT | kernel.MS_RDONLY
+                   | kernel.MS_NOSUID | kernel.MS_NODEV | kernel.MS_NOEXEC)
 
     def hide(self, tgt: str, must: bool) -> None:
         if not os.path.lexists(tgt):

@@ -30,13 +30,16 @@ def _check_status(out: str, uid: int) -> None:
 def test_workload_has_no_privileges_own_identity(tmp_path: Path, uniq: str) -> None:
     spec = make_spec(tmp_path, uniq)
     with box(spec) as b:
-        r = b.run(f"{STATUS}; echo cwd=$(pwd); echo host=$(hostname); env | sort")
+        r = b.run(f"{STATUS}; echo cwd=$(pwd); echo host=$(hostname); echo me=$(id -un);"
+                  "echo init=$(cat /proc/1/cmdline | tr '\\0' ' '); env | sort")
         assert r.code == 0, r.out
         _check_status(r.out, spec.uid)
         assert "cwd=/workspace" in r.out
         assert f"host={spec.name}" in r.out
+        assert "me=agent" in r.out  # the agent's uid has a name in /etc/passwd
+        assert "init=corral-init" in r.out  # not the caller's command line
         env = dict(line.split("=", 1) for line in r.out.splitlines()
-                   if "=" in line and not line.startswith(("cwd", "host")))
+                   if "=" in line and not line.startswith(("cwd", "host", "me=", "init=")))
         assert env["HOME"] == "/home/agent"
         assert env["CORRAL_AGENT"] == spec.name
         assert set(env) <= {"HOME", "PATH", "USER", "LOGNAME", "CORRAL_AGENT", "PWD"}, env
@@ -249,3 +252,22 @@ def test_no_terminal_injection(tmp_path: Path, uniq: str) -> None:
         assert "BROKE" not in text
         assert "TIOCSTI 1" in text, text
         assert "TIOCLINUX 1" in text, text
+
+
+def test_enter_from_worker_threads_of_an_asyncio_daemon(tmp_path: Path, uniq: str) -> None:
+    """The daemon calls enter from executor threads while its loop runs."""
+    import asyncio
+
+    spec = make_spec(tmp_path, uniq)
+    with box(spec) as b:
+        b.start()
+
+        async def main() -> list[str]:
+            loop = asyncio.get_running_loop()
+            runs = await asyncio.gather(*[
+                loop.run_in_executor(None, b.exec, f"echo run-{i} $(id -u) $(hostname)")
+                for i in range(6)])
+            return [r.out for r in runs]
+
+        outs = asyncio.run(main())
+        assert outs == [f"run-{i} {spec.uid} {spec.name}\n" for i in range(6)]

@@ -31,6 +31,9 @@ def test_default_plan_order_and_contents() -> None:
     assert ops[0] == MountOp("tmpfs", "/", data="mode=0755,size=1m,nr_inodes=4096",
                              flags=WRITABLE)
     assert ops[-1] == MountOp("remount_ro", "/")
+    # the agent's passwd/group entries come last (its uid is known only then)
+    assert ops[-3:-1] == [MountOp("userdb", "/etc/passwd", source="/etc/passwd"),
+                          MountOp("userdb", "/etc/group", source="/etc/group")]
     t = targets(ops)
     # parents before children, always
     for i, a in enumerate(t):
@@ -151,7 +154,7 @@ def test_rootfs_replaces_host_system_dirs() -> None:
     # every top-level mount needs a mountpoint in the (read-only) rootfs
     assert set(ops[0].children) == {"/dev", "/home/agent", "/opt/x", "/proc", "/tmp",
                                     "/workspace"}
-    assert not [o for o in ops if o.kind == "sysdir"]
+    assert not [o for o in ops if o.kind in ("sysdir", "userdb")]
     assert by_target(ops, "/etc") == []
 
 
