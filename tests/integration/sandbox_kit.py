@@ -52,14 +52,15 @@ def make_project(root: Path) -> Path:
 def make_spec(tmp_path: Path, uniq: str, *, net: bool = False, command: tuple[str, ...] = (),
               **kw: Any) -> SandboxSpec:
     uid = random_uid()
-    proj = kw.pop("project", None) or make_project(tmp_path)
+    ws = kw.pop("workspace", None)
+    if ws is None:
+        ws = Workspace(mode="overlay", project=str(make_project(tmp_path)))
     network = None
     if net:
         address, gateway = subnet()
         network = Network(netns_path=str(tmp_path / "netns"),
                           veth_host=netns.veth_name(uniq, "sb"), address=address,
                           gateway=gateway)
-    ws = kw.pop("workspace", None) or Workspace(mode="overlay", project=str(proj))
     return SandboxSpec(name=f"{uniq}-sb", uid=uid, gid=uid, state_dir=str(tmp_path / "state"),
                        run_dir=str(tmp_path / "run"), cgroup=f"{uniq}-sb",
                        command=command or ("/bin/true",), workspace=ws,
