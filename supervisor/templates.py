@@ -58,6 +58,9 @@ MIN_MEMORY = 1 << 20  # below a MiB nothing (not even bash) starts
 MAX_MEMORY = 1 << 50
 MAX_PIDS = 4_194_304  # the kernel's PID_MAX_LIMIT
 MAX_DURATION = 3600.0
+#: Host paths no rule may bind (nor a parent of): the store, keys, sockets. The
+#: daemon adds its configured state_dir and run_dir (TemplateRegistry(protected=)).
+PROTECTED_SOURCES = ("/var/lib/corral", "/run/corral")
 # Paths whose content the sandbox builds itself; a rule or workspace there
 # would shadow /proc, /sys or /dev and undo their hardening.
 _RESERVED_PREFIXES = ("/proc", "/sys", "/dev")
@@ -287,10 +290,11 @@ def _present(m: RawMap, key: str) -> Raw | None:
 class _Validator:
     """One pass over a Raw tree; every method names the key path it checks."""
 
-    def __init__(self, check_host: bool) -> None:
+    def __init__(self, check_host: bool, protected: Sequence[str] = ()) -> None:
         # Host checks (symlinked sources, host CPU count) run when a template
         # is read from a file, not when a stored copy is read back.
         self.check_host = check_host
+        self.protected = tuple(os.path.normpath(p) for p in (*PROTECTED_SOURCES, *protected))
 
     # -- generic shapes ----------------------------------------------------
 
@@ -544,6 +548,10 @@ class _Validator:
                 if mode == "hidden":
                     raise _fail(s_raw, _join(ipath, "source"), "a hidden path takes no source")
                 source = self.abs_path(s_raw, _join(ipath, "source"), reserved_ok=True)
+            if mode != "hidden":
+                self.not_protected(
+                    source or inside, s_raw or p_raw, _join(ipath, "source" if s_raw else "path")
+                )
             if self.check_host and mode != "hidden":
                 self.no_symlink(
                     source or inside, s_raw or p_raw, _join(ipath, "source" if s_raw else "path")
@@ -566,6 +574,14 @@ class _Validator:
             rules.pop(inside, None)
             rules[inside] = FsRule(path=inside, mode=mode, source=source)  # type: ignore[arg-type]
         return tuple(rules.values())
+
+    def not_protected(self, host_path: str, raw: Raw, path: str) -> None:
+        """Refuse binding corral's own state or runtime dirs (or a parent of them) inside."""
+        for p in self.protected:
+            if _within(p, host_path) or _within(host_path, p):
+                raise _fail(
+                    raw, path, f"{host_path} would expose corral's own files ({p}) to the agent"
+                )
 
     def no_symlink(self, host_path: str, raw: Raw, path: str) -> None:
         """Refuse a bind source that is (or goes through) a symlink: binds follow them."""
@@ -885,8 +901,11 @@ class TemplateRegistry:
     /etc/corral/templates can override a shipped template.
     """
 
-    def __init__(self, dirs: Sequence[str]) -> None:
+    def __init__(self, dirs: Sequence[str], protected: Sequence[str] = ()) -> None:
         self.dirs = list(dirs)
+        #: host dirs no filesystem rule may expose, besides PROTECTED_SOURCES
+        #: (the daemon passes its state_dir and run_dir)
+        self.protected = tuple(protected)
 
     def _files(self) -> builtins.list[str]:
         out: builtins.list[str] = []
@@ -961,7 +980,7 @@ class TemplateRegistry:
     ) -> Template:
         path, raw = index[name]
         merged = self._merged(raw, index, [name])
-        return _validate(apply_sets(merged, sets) if sets else merged, path, check_host=True)
+        return _validate(apply_sets(merged, sets) if sets else merged, path, True, self.protected)
 
     def _merged(
         self, raw: RawMap, index: dict[str, tuple[str, RawMap]], chain: builtins.list[str]
@@ -1002,11 +1021,13 @@ class TemplateRegistry:
         if name:
             index[name] = (path, raw)
         merged = self._merged(raw, index, chain)
-        return _validate(apply_sets(merged, sets) if sets else merged, path, check_host=True)
+        return _validate(apply_sets(merged, sets) if sets else merged, path, True, self.protected)
 
 
-def _validate(raw: RawMap, source: str | None, *, check_host: bool) -> Template:
-    return _Validator(check_host).template(raw, source)
+def _validate(
+    raw: RawMap, source: str | None, check_host: bool, protected: Sequence[str] = ()
+) -> Template:
+    return _Validator(check_host, protected).template(raw, source)
 
 
 def load_file(path: str, registry: TemplateRegistry | None = None) -> Template:
@@ -1082,7 +1103,7 @@ def template_from_dict(d: dict[str, Any]) -> Template:
         raise TemplateError(str(e)) from None
     if not isinstance(raw, RawMap):
         raise TemplateError("<stored template>: not a mapping")
-    return _validate(raw, None, check_host=False)
+    return _validate(raw, None, False)
 
 
 __all__ = [

@@ -298,6 +298,21 @@ def test_last_rule_for_a_path_wins(tmp_path: Path) -> None:
             "filesystem[1].path: /opt/h/x is inside the hidden path /opt/h",
         ),
         ("filesystem: {path: /x}\n", 2, "filesystem: must be a list"),
+        (
+            "filesystem:\n  - {path: /x, source: /run, mode: ro}\n",
+            3,
+            "filesystem[0].source: /run would expose corral's own files (/run/corral)",
+        ),
+        (
+            "filesystem:\n  - {path: /x, source: /, mode: rw}\n",
+            3,
+            "filesystem[0].source: / would expose corral's own files",
+        ),
+        (
+            "filesystem:\n  - {path: /var/lib/corral/agents}\n",
+            3,
+            "filesystem[0].path: /var/lib/corral/agents would expose corral's own files (/var/lib/corral)",
+        ),
         # network
         ("network:\n  egress: maybe\n", 3, "network.egress: must be one of deny | allow"),
         ("network:\n  egress: no\n", 3, "quote the value"),
@@ -595,6 +610,24 @@ def test_stored_template_skips_host_checks(tmp_path: Path) -> None:
     (tmp_path / "real").symlink_to(tmp_path)  # the source became a symlink after creation
     # re-reading the stored copy (daemon restart) must not fail on the host's state
     assert template_from_dict(d).filesystem == t.filesystem
+
+
+def test_daemon_dirs_are_protected(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    (state / "agents").mkdir(parents=True)
+    other = tmp_path / "data"
+    other.mkdir()
+    d = tmp_path / "tpl"
+    d.mkdir()
+    write(d, "p.yaml", f"name: p\nfilesystem:\n  - {{path: /d, source: {state}/agents}}\n")
+    write(d, "q.yaml", f"name: q\nfilesystem:\n  - {{path: /d, source: {other}, mode: rw}}\n")
+    reg = TemplateRegistry([str(d)], protected=[str(state)])
+    with pytest.raises(TemplateError, match=f"would expose corral's own files \\({state}\\)"):
+        reg.get("p")
+    assert reg.get("q").filesystem == (FsRule("/d", "rw", str(other)),)  # positive control
+    # hiding a protected path is fine
+    write(d, "h.yaml", "name: h\nfilesystem:\n  - {path: /run/corral, mode: hidden}\n")
+    assert reg.get("h").filesystem == (FsRule("/run/corral", "hidden"),)
 
 
 def test_rules_inside_the_workspace_are_allowed(tmp_path: Path) -> None:
