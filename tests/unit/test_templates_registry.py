@@ -239,3 +239,16 @@ def test_earlier_dir_wins_and_broken_files_do_not_hide_others(tmp_path: Path) ->
     assert str(errors[0]).startswith(f"{bad}:2: resources.pids")
     with pytest.raises(TemplateError):
         reg.get("bad")
+
+
+def test_stored_form_is_validated_too(reg: TemplateRegistry) -> None:
+    from supervisor.templates import template_from_dict, template_to_dict
+
+    d = template_to_dict(reg.get("base"))
+    d["resources"]["pids"] = 0
+    with pytest.raises(
+        TemplateError, match=r"^<stored template>: resources\.pids: must be 1-4194304"
+    ):
+        template_from_dict(d)
+    with pytest.raises(TemplateError, match="keys must be strings"):
+        template_from_dict({"name": "x", "env": {1: "a"}})
