@@ -692,6 +692,9 @@ def apply_agent(
     )
     # rules first, then forwarding: the veth never forwards unfiltered
     _write_forwarding(veth, True)
+    old = held.get(agent)
+    if old and old != veth and (Path("/sys/class/net") / old).exists():
+        _write_forwarding(old, False)
     if ipv6:
         try:
             v6fwd = Path("/proc/sys/net/ipv6/conf/all/forwarding").read_text().strip()
@@ -755,6 +758,9 @@ def remove_agent(scope: str, agent: str) -> None:
                     left = m.get("left", {}).get("payload", {})
                     if left.get("protocol") == "ip" and left.get("field") == "saddr":
                         agent_ip = m["right"]
+    if veth is not None and (Path("/sys/class/net") / veth).exists():
+        # forwarding off first: a veth without rules must not route anything
+        _write_forwarding(veth, False)
     run_script(plan_remove_agent(scope, agent, veth, agent_ip))
 
 

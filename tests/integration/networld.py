@@ -228,6 +228,15 @@ class Agent(Netns):
         self.addr = str(net.network_address + 2)
         self.net = net
 
+    @classmethod
+    def adopt(cls, ns_name: str, veth: str, addr: str, gateway: str, agent: str) -> Agent:
+        """Probes for a namespace someone else made (sandbox.netns), visible to `ip netns`."""
+        self = cls.__new__(cls)
+        Netns.__init__(self, ns_name, veth)
+        self.addr, self.gateway, self.agent = addr, gateway, agent
+        self.net = ipaddress.ip_network(f"{addr}/30", strict=False)
+        return self
+
     def start(self) -> None:
         self.create()
         # IPv6 off inside, as corral's netns leaves it by default

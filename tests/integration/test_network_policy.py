@@ -256,6 +256,7 @@ def test_forwarding_is_scoped_and_teardown_leaves_nothing(
 
             nft.remove_agent(scope, "agent-x")
             nft.remove_agent(scope, "agent-x")  # idempotent
+            assert Path(f"/proc/sys/net/ipv4/conf/{ag.veth}/forwarding").read_text() == "0\n"
             assert not ag.tcp(w.w1, 7)
             listing = sh("nft", "list", "table", "inet", f"corral_{scope}").stdout
             assert "agent_x" not in listing
@@ -303,3 +304,45 @@ def test_uplink_guard_keeps_other_forwarding_off(
             finally:
                 nft.drop_table(scope)
                 sh("sysctl", "-qw", f"net.ipv4.conf.{w.veth}.forwarding=0")
+
+
+def test_policy_on_a_sandbox_netns(need_root: None, uniq: str, tmp_path: Path) -> None:
+    """The same policy on a namespace made by sandbox.netns, as the daemon makes them."""
+    from sandbox import netns
+    from sandbox.spec import Network
+
+    scope = uniq
+    with networld.world(uniq, tmp_path) as w:
+        sub = networld.free_subnet(networld.AGENT_SPACE, 30)
+        gw, addr = str(sub.network_address + 1), str(sub.network_address + 2)
+        Path("/run/netns").mkdir(exist_ok=True)
+        net = Network(
+            netns_path=f"/run/netns/{uniq}-sbx",
+            veth_host=netns.veth_name(scope, "sbx-1"),
+            address=f"{addr}/30",
+            gateway=f"{gw}/30",
+        )
+        try:
+            netns.prepare(net)
+            ag = Agent.adopt(f"{uniq}-sbx", net.veth_host, addr, gw, "sbx-1")
+            nft.ensure_table(scope, uplinks=[w.veth])
+            assert not ag.tcp(w.w1, 7)  # prepared but no policy yet: the veth forwards nothing
+            nft.apply_network(scope, "sbx-1", net, nft.parse_allow([f"{w.w1}:7"]))
+            assert ag.tcp(w.w1, 7)
+            assert not ag.tcp(w.w1, 9000)
+            assert not ag.tcp(w.w2, 7)
+            with listeners(None, tmp_path, [f"{gw}:2222"]):
+                assert host_tcp(gw, 2222)
+                assert not ag.tcp(gw, 2222)
+            v6 = json.loads(ag.run("ip", "-j", "-6", "addr", "show", "dev", "eth0").stdout or "[]")
+            assert not [a for link in v6 for a in link.get("addr_info", [])]
+            nft.remove_agent(scope, "sbx-1")
+            assert not ag.tcp(w.w1, 7)
+            # without rules the veth routes nothing at all (not even one-way)
+            fwd = Path(f"/proc/sys/net/ipv4/conf/{net.veth_host}/forwarding")
+            assert fwd.read_text().strip() == "0"
+        finally:
+            nft.drop_table(scope)
+            netns.release(net)
+        assert not Path(net.netns_path).exists()
+        assert f"corral_{scope}" not in sh("nft", "list", "tables").stdout
