@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sandbox import kernel
-from sandbox.errors import CorralError
+from sandbox.errors import CorralError, KernelError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ USER_PREFIX = b"user.overlay."
 
 #: Directories nested deeper than this are reported but not descended: every
 #: level holds two fds (upper and lower), and an agent can nest without limit.
-MAX_DEPTH = 256
+MAX_DEPTH = 128
 #: Files larger than this are compared but not rendered as text.
 MAX_TEXT_BYTES = 8 << 20
 #: git's rule for "binary": a NUL byte within the first 8000 bytes.
@@ -73,6 +73,8 @@ _RESOLVE = (kernel.RESOLVE_BENEATH | kernel.RESOLVE_NO_SYMLINKS
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW
 _CHUNK = 1 << 16
+#: errnos meaning "this entry is gone or is not what it was" (the agent is live).
+_GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV, errno.EAGAIN})
 
 
 @dataclass(frozen=True)
@@ -129,12 +131,27 @@ def open_root(path: str) -> int:
         raise CorralError(f"cannot open workspace directory {path!r}: {e.strerror}") from e
 
 
+def _openat2(dirfd: int, path: bytes, flags: int) -> int:
+    """openat2 with our resolve flags; retried on EAGAIN, which RESOLVE_BENEATH
+    returns when a concurrent rename might have let ".." escape (openat2(2))."""
+    for _ in range(20):
+        try:
+            return kernel.openat2(dirfd, path, flags, _RESOLVE)
+        except KernelError as e:
+            if e.errno != errno.EAGAIN:
+                raise
+    return kernel.openat2(dirfd, path, flags, _RESOLVE)
+
+
 def _open_dir(dirfd: int, name: bytes) -> int | None:
     """The child directory `name` of `dirfd`, or None if it is gone or not a dir."""
     try:
-        return kernel.openat2(dirfd, name, _DIR_FLAGS, _RESOLVE)
-    except CorralError as e:
-        # ENOENT/ENOTDIR/ELOOP: vanished or swapped for a non-dir by the live agent.
+        return _openat2(dirfd, name, _DIR_FLAGS)
+    except KernelError as e:
+        # Vanished, or swapped for a symlink / non-dir by the live agent: skip it.
+        # Anything else (EMFILE, EIO …) must not silently shorten the diff.
+        if e.errno not in _GONE:
+            raise
         log.debug("not descending into %r: %s", name, e)
         return None
 
@@ -170,7 +187,7 @@ def open_regular(rootfd: int, path: bytes) -> int | None:
     inode, not a fresh path lookup the agent could race).
     """
     try:
-        pfd = kernel.openat2(rootfd, path, _PATH_FLAGS, _RESOLVE)
+        pfd = _openat2(rootfd, path, _PATH_FLAGS)
     except CorralError:
         return None
     try:
@@ -188,7 +205,7 @@ def read_link(rootfd: int, path: bytes) -> bytes | None:
     """The target of the symlink `path` beneath `rootfd` (never followed), or None."""
     parent, _, name = path.rpartition(b"/")
     try:
-        pfd = kernel.openat2(rootfd, parent or b".", _DIR_FLAGS, _RESOLVE)
+        pfd = _openat2(rootfd, parent or b".", _DIR_FLAGS)
     except CorralError:
         return None
     try:

@@ -57,8 +57,11 @@ def make_project(root: Path, nfiles: int) -> Path:
         (d / f"file{i % per_dir:03d}.py").write_text(
             "".join(f"value_{i}_{k} = {k}\n" for k in range(20)))
     git(p, "init", "-q", "-b", "main")
+    # No background auto-gc: it would repack under the feet of `cp -a` below.
+    git(p, "config", "gc.auto", "0")
     git(p, "add", "-A")
     git(p, "commit", "-q", "-m", "generated")
+    git(p, "gc", "-q")  # packed, as a real repository is
     return p
 
 
