@@ -424,3 +424,45 @@ def test_deep_tree_does_not_crash(ws: Workspace) -> None:
     chs = wd.changes(str(ws.upper), ws.lower)
     assert len([c for c in chs if c.type == "dir"]) == wd.MAX_DEPTH
     assert stat.S_ISDIR(chs[0].new_mode or 0)
+
+
+def test_diff_while_agent_swaps_dirs_for_symlinks(ws: Workspace, tmp_path: Path) -> None:
+    """The agent races the daemon: a directory keeps turning into a symlink to outside.
+
+    Whatever the interleaving, the diff never lists or reads what is outside.
+    """
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "OUTSIDE-FILE").write_text("OUTSIDE-CONTENT\n")
+    lower = ws.project
+    assert lower is not None
+    opts = f"lowerdir={lower},upperdir={ws.upper},workdir={ws.work}"
+    loop = (f"mount -t overlay overlay -o {opts} {ws.merged} && cd {ws.merged} && "
+            f"touch started && while true; do rm -rf d; mkdir d; echo in > d/f; "
+            f"rm -rf d; ln -s {outside} d; rm -f pkg/l; ln -s {outside}/OUTSIDE-FILE pkg/l; "
+            f"rm -f pkg/l; echo mine > pkg/l; done")
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", loop],
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            if (ws.upper / "started").exists():
+                break
+            assert proc.poll() is None
+            subprocess.run(["sleep", "0.05"], check=True)
+        assert (ws.upper / "started").exists()
+        seen_d = set()
+        for _ in range(150):
+            chs = wd.changes(str(ws.upper), ws.lower)
+            text = wd.render_unified(chs, str(ws.upper), ws.lower)
+            for c in chs:
+                assert b"OUTSIDE-FILE" not in c.path
+                if c.path == b"d":
+                    seen_d.add(c.type)
+            assert "OUTSIDE-CONTENT" not in text
+        # Positive control: the walk did see both faces of d during the race.
+        assert seen_d <= {"dir", "symlink"}
+        assert seen_d
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait(timeout=30)
