@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import secrets
 import shutil
 import statistics
@@ -28,14 +29,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from sandbox import cgroups, lifecycle, netns  # noqa: E402
-from sandbox.cgroups import CgroupDriver  # noqa: E402
 from sandbox.spec import Limits, Network, SandboxSpec, Workspace  # noqa: E402
 
 BWRAP = ["bwrap", "--unshare-all", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
@@ -131,6 +130,12 @@ class Bench:
                         pass
 
 
+def cpu_now() -> float:
+    """CPU seconds used by this process and its reaped children (load-independent)."""
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
 def timed(argv: list[str]) -> float:
     t0 = time.perf_counter()
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -139,17 +144,21 @@ def timed(argv: list[str]) -> float:
 
 def measure(b: Bench, runs: int) -> dict[str, list[float]]:
     res: dict[str, list[float]] = {k: [] for k in ("create", "release", "cycle", "bwrap",
-                                                    "unshare")}
+                                                    "unshare", "cpu_cycle", "cpu_bwrap")}
     for _ in range(3):  # warm caches (page cache, pyroute2 imports)
         b.cycle()
         timed(BWRAP)
         timed(UNSHARE)
     for _ in range(runs):
+        c0 = cpu_now()
         c, r = b.cycle()
+        c1 = cpu_now()
         res["create"].append(c)
         res["release"].append(r)
         res["cycle"].append(c + r)
+        res["cpu_cycle"].append(c1 - c0)
         res["bwrap"].append(timed(BWRAP))
+        res["cpu_bwrap"].append(cpu_now() - c1)
         res["unshare"].append(timed(UNSHARE))
     return res
 
@@ -166,7 +175,11 @@ def report(title: str, res: dict[str, list[float]]) -> list[str]:
     for k, label in labels.items():
         xs = res[k]
         out.append(f"| {label} | {ms(pct(xs, .5))} | {ms(pct(xs, .95))} | "
-                   f"{pct(xs, .5) / bw:.2f}× |")
+                   f"{pct(xs, .5) / bw:.2f}x |")
+    out.append("")
+    out.append(f"CPU time (user+sys, this process and its children) per run, p50: corral "
+               f"full cycle {ms(pct(res['cpu_cycle'], .5))} ms, bwrap "
+               f"{ms(pct(res['cpu_bwrap'], .5))} ms.")
     out.append("")
     return out
 
@@ -184,7 +197,7 @@ def section_sandbox(args: argparse.Namespace) -> list[str]:
             res1 = measure(b, args.runs)
         more = report(f"with {args.existing} sandboxes already running", res1)
         growth = statistics.median(res1["cycle"]) / statistics.median(res0["cycle"])
-        more.append(f"Full cycle p50 with {args.existing} running / without: {growth:.2f}×")
+        more.append(f"Full cycle p50 with {args.existing} running / without: {growth:.2f}x")
         more.append("")
         print("\n".join(more), flush=True)
         return lines + more
