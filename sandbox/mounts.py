@@ -434,7 +434,11 @@ class _Applier:
         if not os.path.lexists(tgt):
             if not must:
                 return
-            # Invisible even if created later: a mountpoint now, covered.
+            # Invisible even if created later: a mountpoint now, covered. Under a
+            # read-only bind or the workspace the plan made it exist already
+            # (mask layer); under a writable bind (home, an rw rule) this leaves
+            # an empty directory in that host directory, which the agent could
+            # have created itself anyway.
             _make_mountpoint(tgt, True)
         if os.path.islink(tgt):
             raise HostSetupError(f"hidden path {tgt[len(STAGE_NEW):]!r} is a symlink",
