@@ -41,6 +41,11 @@ GIT_ENV = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@exam
            "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "b@example.invalid"}
 
 
+def say(*args: object) -> None:
+    """Print at once (the run is long); a (measurement, time) row as "measurement: time"."""
+    print(*(": ".join(a) if isinstance(a, tuple) else a for a in args), flush=True)
+
+
 def git(cwd: Path, *args: str) -> None:
     subprocess.run(["git", "-c", "safe.directory=*", *args], cwd=cwd, env=GIT_ENV, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -165,30 +170,31 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "docs" / "bench-workspace.md"))
     args = ap.parse_args()
     if os.geteuid() != 0:
-        print("bench_workspace: needs root (overlay mounts in a private namespace)")
+        say("bench_workspace: needs root (overlay mounts in a private namespace)")
         return 1
     rows: list[tuple[str, str]] = []
     root = Path(tempfile.mkdtemp(prefix="corral-bench-ws-"))
     try:
         t = timed(lambda: make_project(root, args.files))
         big = root / f"project-{args.files}"
-        print(f"generated + committed {args.files} files in {t:.1f} s")
+        say(f"generated + committed {args.files} files in {t:.1f} s")
         small = make_project(root, 10)
 
         ov_big = median_of(11, lambda: overlay_create(big, root, "big"))
         ov_small = median_of(11, lambda: overlay_create(small, root, "small"))
         rows.append((f"overlay create ({args.files} files; median of 11)", ms(ov_big)))
         rows.append(("overlay create (10 files; median of 11)", ms(ov_small)))
-        print(rows[-2], rows[-1], sep="\n")
+        say(rows[-2])
+        say(rows[-1])
 
         wt = root / "worktree"
         t_wt = timed(lambda: git(big, "worktree", "add", "-q", "--detach", str(wt), "HEAD"))
         rows.append((f"git worktree add ({args.files} files)", ms(t_wt)))
-        print(rows[-1])
+        say(rows[-1])
         cp_dst = root / "cp-copy"
         t_cp = timed(lambda: subprocess.run(["cp", "-a", str(big), str(cp_dst)], check=True))
         rows.append((f"cp -a ({args.files} files)", ms(t_cp)))
-        print(rows[-1])
+        say(rows[-1])
         shutil.rmtree(cp_dst)
 
         files = edited_files(big)
@@ -197,19 +203,19 @@ def main() -> int:
         d_big, n_big = diff_time(big, ws_big)
         rows.append((f"diff: changes+unified+stat, {n_big} changed files, "
                      f"{args.files}-file project (median of 5)", ms(d_big)))
-        print(rows[-1])
+        say(rows[-1])
         ws_small = root / "ws-diff-small"
         overlay_edit(small, ws_small, edited_files(small))
         d_small, n_small = diff_time(small, ws_small)
         rows.append((f"diff: same, {n_small} changed files, 10-file project", ms(d_small)))
-        print(rows[-1])
+        say(rows[-1])
         for f in files:
             with (wt / f).open("a") as fh:
                 fh.write("# edited\n")
         t_st = timed(lambda: git(wt, "status", "--porcelain"))
         rows.append((f"for comparison: git status in the worktree ({args.files} files, "
                      "10 edits, warm)", ms(t_st)))
-        print(rows[-1])
+        say(rows[-1])
         git(big, "worktree", "remove", "--force", str(wt))
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -228,7 +234,7 @@ def main() -> int:
               "upper dir (plus the lower counterparts of what is there), so it follows the "
               "number of changed files, not the project's size.", ""]
     out.write_text("\n".join(lines))
-    print(f"written to {out}")
+    say(f"written to {out}")
     return 0
 
 
