@@ -327,19 +327,28 @@ def start(spec: SandboxSpec, *, stdin: int, stdout: int, stderr: int, ctty: bool
             if pid < 0:
                 os.close(sync_w)
                 os.close(err_r)
+    failure: BaseException | None = None
+    start_time = 0
     try:
         try:
             cgroups.add(spec.cgroup, pid)
             start_time = proc_start_time(pid)
             os.write(sync_w, b"go")
+        except Exception as e:
+            # The child may have failed first (and exited, so the move
+            # failed): its own message, read below, is the better error.
+            failure = e
         finally:
-            os.close(sync_w)
+            os.close(sync_w)  # without "go" the child gives up at EOF
         raw = _read_all(err_r)
     except BaseException:
         _kill_reap(pid)
         raise
     finally:
         os.close(err_r)
+    if failure is not None and not raw:
+        _kill_reap(pid)
+        raise failure
     if raw:
         _kill_reap(pid)
         _raise_message(raw, f"starting sandbox {spec.name}")

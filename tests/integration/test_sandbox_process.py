@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from sandbox import process
-from sandbox.errors import KernelError, NotFound
+from sandbox.errors import HostSetupError, KernelError, NotFound
+from sandbox.spec import FsRule
 from tests.integration.sandbox_kit import Box, box, make_spec
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("need_root")]
@@ -149,6 +150,11 @@ def test_start_errors_are_typed_and_name_the_step(tmp_path: Path, uniq: str) -> 
         assert "ENOENT" in str(ei.value)
         assert b.cg.procs(spec.cgroup) == []  # init was reaped, nothing left behind
         b.started = None
+        # a mount failure (before the cgroup move completes) is reported as such
+        with pytest.raises(HostSetupError, match="does not exist") as hi:
+            b.run("true", rules=(FsRule("/data", "ro", "/nonexistent/source"),))
+        assert "step: mounts" in str(hi.value)
+        assert b.cg.procs(spec.cgroup) == []
         # positive control: the same sandbox starts fine with a real command
         assert b.run("echo fine").out == "fine\n"
 
