@@ -408,8 +408,11 @@ def plan_agent(
         f"flush chain {t} {i}",
         # replies to connections the host opened (e.g. the daemon forwarding a port)
         f"add rule {t} {i} ct state established,related accept",
+        # DNS to the gateway, and only to a socket bound to that very address (the
+        # daemon's resolver): a host service listening on 0.0.0.0:53 (dnsmasq, say)
+        # must never answer agents, e.g. while the daemon is down
         f"add rule {t} {i} ip daddr {gw} meta l4proto {{ tcp, udp }} th dport 53 "
-        f'counter name "dns_{a}" accept',
+        f'socket wildcard 0 counter name "dns_{a}" accept',
     ]
     if ipv6:
         # neighbour discovery with the host side of the veth

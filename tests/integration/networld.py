@@ -175,6 +175,11 @@ def host_tcp(host: str, port: int, timeout: float = 3) -> bool:
         return False
 
 
+def host_udp(host: str, port: int, timeout: float = 3) -> bool:
+    """UDP echo from the host namespace."""
+    return _udp(host, port, timeout) == 0
+
+
 class World(Netns):
     """The outside world: addresses w1..w3, servers, and a logging DNS server."""
 
@@ -463,19 +468,19 @@ def _udp(host: str, port: int, timeout: float) -> int:
 
     The socket is connected so an ICMP error (a reject) ends the probe at once.
     """
-    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(timeout / 3)
-    s.connect((host, port))
-    for _ in range(3):
-        try:
-            s.send(b"hello")
-            d = s.recv(100)
-        except TimeoutError:
-            continue
-        except OSError:
-            return 1
-        return 0 if d == b"hello" else 2
-    return 1
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout / 3)
+        s.connect((host, port))
+        for _ in range(3):
+            try:
+                s.send(b"hello")
+                d = s.recv(100)
+            except TimeoutError:
+                continue
+            except OSError:
+                return 1
+            return 0 if d == b"hello" else 2
+        return 1
 
 
 def _checksum(data: bytes) -> int:
@@ -511,7 +516,7 @@ def _raw(host: str, proto: int) -> int:
 
 
 async def _listen(ready: Path, binds: Sequence[str]) -> None:
-    """TCP and UDP echo on each addr:port (the host's or an agent's "own services")."""
+    """TCP and UDP echo on each addr:port, UDP only for "udp/addr:port"."""
 
     async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
@@ -531,12 +536,18 @@ async def _listen(ready: Path, binds: Sequence[str]) -> None:
     loop = asyncio.get_running_loop()
     servers = []
     for b in binds:
-        host, port = b.rsplit(":", 1)
+        udp_only = b.startswith("udp/")
+        host, port = b.removeprefix("udp/").rsplit(":", 1)
         host = host.strip("[]")
-        servers.append(await asyncio.start_server(echo, host, int(port)))
-        await loop.create_datagram_endpoint(Udp, local_addr=(host, int(port)))
+        if not udp_only:
+            servers.append(await asyncio.start_server(echo, host, int(port)))
+        us = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        # SO_REUSEADDR: a wildcard decoy must coexist with specific binds on its port
+        us.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        us.bind((host, int(port)))
+        await loop.create_datagram_endpoint(Udp, sock=us)
     _touch(ready)
-    await asyncio.gather(*(s.serve_forever() for s in servers))
+    await asyncio.gather(*(s.serve_forever() for s in servers), asyncio.Event().wait())
 
 
 def _hold(host: str, port: int, flag: Path) -> int:

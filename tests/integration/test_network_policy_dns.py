@@ -260,3 +260,21 @@ def test_agent_with_empty_allow_list_resolves_nothing(e: Env) -> None:
     assert ag.dig("ok.corral.test", ag.gateway) is None
     assert ag.http(f"http://{e.world.w1}/") is None
     assert e.queries()[before:] == []
+
+
+def test_a_wildcard_dns_service_of_the_host_never_answers_agents(e: Env) -> None:
+    """With the resolver down, a host service on 0.0.0.0:53 must not stand in for it."""
+    ag = e.a1
+    e.loop.run(e.resolver.remove_agent(ag.agent))
+    try:
+        # (UDP only: a TCP wildcard listener cannot share port 53 with the other
+        # agent's resolver, which stays up)
+        with listeners(None, e.tmp, ["udp/0.0.0.0:53"]):
+            # positive control: the decoy answers on the agent's gateway address
+            assert networld.host_udp(ag.gateway, 53)
+            assert not ag.udp(ag.gateway, 53)
+    finally:
+        e.loop.run(e.resolver.add_agent(ag.agent, ag.gateway, []))
+    # and the resolver is reachable again once it is back
+    r = ag.run("dig", "+time=2", "+tries=2", f"@{ag.gateway}", "ok.corral.test")
+    assert "status: REFUSED" in r.stdout

@@ -148,7 +148,8 @@ def test_agent_chain_is_default_deny() -> None:
     inp = _agent_rules(text, "i_web_1")
     assert inp == [
         "ct state established,related accept",
-        'ip daddr 198.19.0.1 meta l4proto { tcp, udp } th dport 53 counter name "dns_web_1" accept',
+        "ip daddr 198.19.0.1 meta l4proto { tcp, udp } th dport 53 socket wildcard 0 "
+        'counter name "dns_web_1" accept',
         "goto d_web_1",
     ]
     deny = _agent_rules(text, "d_web_1")
