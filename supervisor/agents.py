@@ -842,7 +842,8 @@ class Manager:
         from supervisor.events import event_dict
         if agent:
             check_name(agent, "agent name")
-        return [event_dict(e) for e in self.store.events(agent=agent, since_iso=since)]
+        return [event_dict(e)
+                for e in self.store.events(agent=agent, since_iso=since, limit=10000)]
 
     async def follow_events(self, agent: str | None) -> AsyncIterator[dict[str, Any]]:
         q = self.bus.follow(agent)

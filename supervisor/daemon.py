@@ -86,7 +86,8 @@ class Daemon:
             cg.enter_leaf("supervisor")
         bus = EventBus(store, [(n.webhook, n.events) for n in cfg.notifications])
         from supervisor.agents import Manager
-        mgr = Manager(cfg, store, TemplateRegistry(cfg.templates), cg, own, scope, bus)
+        registry = TemplateRegistry(cfg.templates, protected=(cfg.state_dir, cfg.run_dir))
+        mgr = Manager(cfg, store, registry, cg, own, scope, bus)
         self.manager = mgr
         try:
             from supervisor.netpolicy import NetPolicy

@@ -29,6 +29,10 @@ from typing import Any
 
 import pytest
 
+REPO_ROOT = str(Path(__file__).resolve().parents[2])
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
 REPO = Path(__file__).resolve().parents[2]
 CORRAL = str(REPO / ".venv" / "bin" / "corral")
 
@@ -37,6 +41,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def scope_bases(scope: str) -> list[Path]:
+    """The cgroup dirs a daemon of `scope` started by this process roots its agents in."""
+    from sandbox.cgroups import cgroup_mounts
+    from sandbox.cgroups.base import read_proc_cgroup
+    own = read_proc_cgroup("self")
+    v2, v1 = cgroup_mounts()
+    out = []
+    for ctrl, mnt in v1.items():
+        if ctrl in own:
+            out.append(Path(mnt + own[ctrl].rstrip("/"), f"corral-{scope}"))
+    if v2 is not None and "" in own:
+        out.append(Path(v2 + own[""].rstrip("/"), f"corral-{scope}"))
+    return [p for p in out if p.is_dir()]
+
+
+def _subdirs(base: Path) -> list[Path]:
+    found = []
+    for dirpath, dirnames, _ in os.walk(base):
+        found.extend(Path(dirpath, d) for d in dirnames)
+    return sorted(found, key=lambda p: -len(str(p)))
 
 
 def scope_of(state_dir: str) -> str:
@@ -144,12 +170,8 @@ class Daemon:
                   if self.run_dir in line.split()[4] or self.state_dir in line.split()[4]]
         if mounts:
             out["mounts"] = mounts
-        cgs = []
-        for root in Path("/sys/fs/cgroup").glob("*"):
-            for d in root.rglob(f"corral-{self.scope}"):
-                for sub in d.rglob("*"):
-                    if sub.is_dir() and sub.parent != d:
-                        cgs.append(str(sub))
+        cgs = [str(sub) for base in scope_bases(self.scope) for sub in _subdirs(base)
+               if sub.parent != base]
         if cgs:
             out["cgroups"] = cgs
         nft = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
@@ -171,22 +193,20 @@ def _hard_cleanup(d: Daemon) -> None:
     """Remove whatever a failed test left behind, exactly by this daemon's scope."""
     scope = d.scope
     # keepers and sandboxes: every process in our cgroups
-    for root in Path("/sys/fs/cgroup").glob("*"):
-        for base in root.rglob(f"corral-{scope}"):
-            for procs in base.rglob("cgroup.procs"):
-                with contextlib.suppress(OSError):
-                    for pid in procs.read_text().split():
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(int(pid), signal.SIGKILL)
-    time.sleep(0.3)
-    for root in Path("/sys/fs/cgroup").glob("*"):
-        for base in sorted(root.rglob(f"corral-{scope}"), key=lambda p: -len(str(p))):
-            for sub in sorted((p for p in base.rglob("*") if p.is_dir()),
-                              key=lambda p: -len(str(p))):
-                with contextlib.suppress(OSError):
-                    sub.rmdir()
+    bases = scope_bases(scope)
+    for base in bases:
+        for sub in [base, *_subdirs(base)]:
             with contextlib.suppress(OSError):
-                base.rmdir()
+                for pid in (sub / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+    time.sleep(0.3)
+    for base in bases:
+        for sub in _subdirs(base):
+            with contextlib.suppress(OSError):
+                sub.rmdir()
+        with contextlib.suppress(OSError):
+            base.rmdir()
     subprocess.run(["nft", "delete", "table", "inet", f"corral_{scope}"], capture_output=True)
     for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
         mnt = line.split()[4]

@@ -179,7 +179,7 @@ def test_corrupted_store_refuses_to_start(daemon_factory: Any) -> None:
     code = d.proc.wait(30)
     d.proc = None
     assert code != 0
-    assert "state" in d.log() and "corrupt" in d.log().lower() or "not a database" in d.log()
+    assert ("state" in d.log() and "corrupt" in d.log().lower()) or "not a database" in d.log()
     assert db.read_bytes() == before
 
 
