@@ -117,14 +117,16 @@ def test_bad_template_creates_nothing_and_names_file_line_key(daemon: Daemon, pr
         "name: broken\ndescription: x\nservices:\n  web:\n    command: [x]\n    port: 70000\n")
     cp = daemon.cli("create", "b1", "--template", "broken", "--project", str(project))
     assert cp.returncode == 1
-    assert "broken.yaml:6" in cp.stderr and "services.web.port" in cp.stderr
+    assert "broken.yaml:6" in cp.stderr
+    assert "services.web.port" in cp.stderr
     cp = daemon.cli("create", "b2", "--template", "default", "--project", str(project),
                     "--set", "resources.pids=0")
     assert cp.returncode == 1
     assert "resources.pids" in cp.stderr
     assert daemon.json("ps", "--all") == []
     cp = daemon.cli("template", "validate", str(tdir / "broken.yaml"))
-    assert cp.returncode == 1 and "broken.yaml:6" in cp.stdout + cp.stderr
+    assert cp.returncode == 1
+    assert "broken.yaml:6" in cp.stdout + cp.stderr
 
 
 def test_twenty_agents_created_concurrently(daemon: Daemon, project: Path) -> None:
