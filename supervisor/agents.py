@@ -579,6 +579,8 @@ class Manager:
                 self.emit("agent.reconciled", name, action="stopped")
                 return
             tpl = self.template_of(row)
+            if self.network is not None and row.spec_json:
+                await self.network.add_agent(name, self.spec_of(row), tpl)
             if tpl.services:
                 from supervisor.services import ServiceSet
                 rt = self.rt(name)

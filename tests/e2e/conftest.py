@@ -207,7 +207,10 @@ def _hard_cleanup(d: Daemon) -> None:
                 sub.rmdir()
         with contextlib.suppress(OSError):
             base.rmdir()
-    subprocess.run(["nft", "delete", "table", "inet", f"corral_{scope}"], capture_output=True)
+    # through nft.drop_table: it also turns a guarded uplink's forwarding back off
+    from sandbox import nft
+    with contextlib.suppress(Exception):
+        nft.drop_table(scope)
     for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
         mnt = line.split()[4]
         if mnt.startswith((d.run_dir, d.state_dir)):
