@@ -70,6 +70,8 @@ class SshLimits:
 
     #: channels (sessions + forwards) open at once on one connection
     max_channels: int = 10
+    #: channel opens refused on one connection before it is disconnected
+    max_refused_channels: int = 1000
     #: seconds an unauthenticated connection may take to log in
     login_grace: float = 20.0
     #: unauthenticated connections at once, server-wide; more are dropped on accept

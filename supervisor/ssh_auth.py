@@ -53,6 +53,7 @@ class CorralSSHServer(asyncssh.SSHServer):
         self.access: Access | None = None
         self._channels = 0
         self._chan_seq = 0
+        self._refused_channels = 0
 
     # --- connection lifetime ---------------------------------------------------
 
@@ -164,8 +165,17 @@ class CorralSSHServer(asyncssh.SSHServer):
         if self.access is None or self.access.role not in ("viewer", "collaborator", "owner"):
             return False
         if self._channels >= self._ctx.limits.max_channels:
-            log.info("[agent=%s user=%s] channel limit (%d) reached",
-                     self.access.agent, self.access.user, self._ctx.limits.max_channels)
+            if not self._refused_channels:   # logged once per connection, not per flood item
+                log.info("[agent=%s user=%s] channel limit (%d) reached",
+                         self.access.agent, self.access.user, self._ctx.limits.max_channels)
+            self._refused_channels += 1
+            if self._refused_channels > self._ctx.limits.max_refused_channels and self._conn:
+                # Each refusal still costs a packet round trip of crypto: a client
+                # that keeps flooding is disconnected rather than served forever.
+                log.warning("[agent=%s user=%s] %d channel opens refused: disconnecting %s",
+                            self.access.agent, self.access.user, self._refused_channels,
+                            self._addr)
+                self._conn.close()
             return False
         return True
 

@@ -113,6 +113,24 @@ async def _as_coro(aw: Awaitable[None]) -> None:
     await aw
 
 
+EXEC_HANGUP_GRACE = 5.0
+
+
+def _close_proc(proc: ExecProcessLike) -> None:
+    close = getattr(proc, "close", None)   # the real ExecProcess frees its fds here
+    if callable(close):
+        close()
+
+
+async def _reap(proc: ExecProcessLike) -> None:
+    try:
+        await asyncio.wait_for(proc.wait(), EXEC_HANGUP_GRACE)
+    except TimeoutError:
+        proc.signal(signal_mod.SIGKILL)
+    finally:
+        _close_proc(proc)
+
+
 class AgentSession(SSHServerStreamSession[bytes]):
     """Session channel handler for one agent connection."""
 
@@ -239,6 +257,9 @@ class AgentSession(SSHServerStreamSession[bytes]):
                 status = await self._run_shell(stdin, stdout, stderr)
         except asyncio.CancelledError:
             return
+        except (BrokenPipeError, ConnectionError, asyncssh.Error) as exc:
+            log.info("%s channel ended: %s", self._tag, exc)
+            return
         except Exception as exc:
             log.warning("%s session failed: %s", self._tag, exc)
             status = 1
@@ -349,8 +370,12 @@ class AgentSession(SSHServerStreamSession[bytes]):
             feeder.cancel()
             self._on_resize = None
             if not done:
-                # The client went away (or lost the right) first: hang the command up.
+                # The client went away (or lost the right) first: hang the command up,
+                # and free it for good if it ignores that.
                 proc.signal(signal_mod.SIGHUP)
+                self._ctx.tasks.spawn(_reap(proc), f"ssh-exec-reap{self._tag}")
+            else:
+                _close_proc(proc)
 
     async def _copy(self, read: Callable[[], Awaitable[bytes]],
                     out: asyncssh.SSHWriter[bytes]) -> None:

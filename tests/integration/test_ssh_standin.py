@@ -42,7 +42,7 @@ class StandinClient:
     def push(self, data: bytes) -> None:
         if self.closed:
             return
-        if self._queued + len(data) > 1 << 20:  # the hub drops slow clients
+        if self._queued + len(data) > 2 << 20:  # the hub drops slow clients (2 MiB)
             self.close()
             return
         self._queued += len(data)
@@ -81,8 +81,10 @@ class StandinHub:
         self.manager = manager
         self.agent = agent
         self.clients: set[StandinClient] = set()
-        self.screen = pyte.Screen(100, 30)
-        self.stream = pyte.ByteStream(self.screen)
+        self.size = (100, 30)
+        # Only a bounded tail is kept and replayed into a fresh pyte screen on
+        # render: cheap under a flood, exact enough for a test's late joiner.
+        self.tail = bytearray()
         self.master, slave = pty.openpty()
         fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TERM": "xterm",
@@ -95,14 +97,17 @@ class StandinHub:
         asyncio.get_running_loop().add_reader(self.master, self._readable)
 
     def render(self) -> bytes:
-        lines = [line.rstrip() for line in self.screen.display]
+        screen = pyte.Screen(*self.size)
+        pyte.ByteStream(screen).feed(bytes(self.tail))
+        lines = [line.rstrip() for line in screen.display]
         body = "\r\n".join(lines).encode()
-        y, x = self.screen.cursor.y + 1, self.screen.cursor.x + 1
+        y, x = screen.cursor.y + 1, screen.cursor.x + 1
         return b"\x1b[H\x1b[2J" + body + f"\x1b[{y};{x}H".encode()
 
     def resize(self, cols: int, rows: int) -> None:
+        self.manager.resizes.append((cols, rows))
         fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-        self.screen.resize(rows, cols)
+        self.size = (cols, rows)
 
     def _readable(self) -> None:
         try:
@@ -114,7 +119,8 @@ class StandinHub:
         if not data:
             self.end()
             return
-        self.stream.feed(data)
+        self.tail += data
+        del self.tail[:-16384]
         for c in list(self.clients):
             c.push(data)
 
@@ -242,6 +248,7 @@ class StandinManager:
         self.hubs: dict[str, StandinHub] = {}
         self.execs: list[StandinExec] = []
         self.tcp_opens: list[int] = []
+        self.resizes: list[tuple[int, int]] = []
 
     # what the SSH server calls
     def user_for_key(self, fingerprint: str) -> str | None:
