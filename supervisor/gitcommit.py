@@ -259,6 +259,7 @@ def commit(project: str, upper: str, base: str, branch: str, message: str,
         raise CorralError(f"base commit {base!r} not found in {repo.top}",
                           hint="the agent's recorded base commit was removed from the repo")
     ref = f"refs/heads/{branch}"
+    _check_not_checked_out(repo, ref)
     tip = _rev(repo, f"{ref}^{{commit}}")
     if tip is not None and tip != base_id:
         _check_branch_ours(repo, ref, tip, base_id, trailers)
@@ -327,6 +328,15 @@ def commit(project: str, upper: str, base: str, branch: str, message: str,
         return new
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_not_checked_out(repo: _Repo, ref: str) -> None:
+    """Refuse a branch checked out in any work tree: moving it would move the user's HEAD."""
+    cp = _git(repo, repo.top, ["worktree", "list", "--porcelain", "-z"], env=repo.env())
+    if f"branch {ref}".encode() in cp.stdout.split(b"\0"):
+        raise Conflict(f"branch {ref.removeprefix('refs/heads/')} is checked out in the "
+                       "project; committing to it would change the user's checkout",
+                       hint="commit to a branch of its own, e.g. --branch agent/NAME")
 
 
 def _check_branch_ours(repo: _Repo, ref: str, tip: str, base: str,

@@ -262,6 +262,11 @@ def test_commit_refuses_foreign_branch_and_bad_names(ws: Workspace) -> None:
     with pytest.raises(Conflict):
         gitcommit.commit(str(project), str(ws.upper), base, "theirs", "m", TRAILERS)
     assert git(project, "rev-parse", "refs/heads/theirs").decode().strip() == other
+    # The user's current branch is never moved.
+    before = snapshot(project)
+    with pytest.raises(Conflict, match="checked out"):
+        gitcommit.commit(str(project), str(ws.upper), base, "main", "m", TRAILERS)
+    assert snapshot(project) == before
     for bad in ("a..b", "-x", "x y", "x\ny", "", "a/.lock/b", "refs~1"):
         with pytest.raises(CorralError, match="invalid branch"):
             gitcommit.commit(str(project), str(ws.upper), base, bad, "m", TRAILERS)
