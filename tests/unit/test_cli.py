@@ -327,3 +327,10 @@ def test_exec_passes_the_commands_own_options_through(api: Api) -> None:
     assert result.exit_code == 0, (result.output, result.exception)
     assert result.stdout == "-t -u\n"
     assert api.manager.calls[-1][3:] == ("root", None)
+
+
+def test_exec_relays_binary_data_intact(api: Api) -> None:
+    data = os.urandom(2 * 1024 * 1024)
+    result = api.run("exec", "web", "--", "cat", input=data)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert result.stdout_bytes == data
