@@ -82,11 +82,14 @@ class CorralSSHServer(asyncssh.SSHServer):
             log.info("[agent=%s user=%s] connection from %s closed", self.access.agent,
                      self.access.user, self._addr)
         elif self._agent:
-            # Never authenticated: one audit record per failed connection, not per key tried.
-            self._audit("ssh.login_failed", self._agent, user=self._last_user,
-                        key=self._last_fp, addr=self._addr)
+            # Never authenticated: one audit record per failed connection, not per key
+            # tried. A user name that is no agent name is not used as one.
+            valid = bool(AGENT_NAME.match(self._agent))
+            self._audit("ssh.login_failed", self._agent if valid else None,
+                        user=self._last_user, key=self._last_fp, addr=self._addr,
+                        **({} if valid else {"ssh_user": self._agent[:64]}))
 
-    def _audit(self, kind: str, agent: str, **data: object) -> None:
+    def _audit(self, kind: str, agent: str | None, **data: object) -> None:
         try:
             self._ctx.manager.audit(kind, agent, **data)
         except Exception:
@@ -95,9 +98,7 @@ class CorralSSHServer(asyncssh.SSHServer):
     # --- authentication -----------------------------------------------------
 
     def begin_auth(self, username: str) -> bool:
-        self._agent = username if AGENT_NAME.match(username) else ""
-        if not self._agent:
-            self._agent = "?"
+        self._agent = username
         return True  # authentication is always required
 
     def password_auth_supported(self) -> bool:
