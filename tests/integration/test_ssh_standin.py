@@ -42,7 +42,7 @@ class StandinClient:
     def push(self, data: bytes) -> None:
         if self.closed:
             return
-        if self._queued + len(data) > 2 << 20:  # the hub drops slow clients (2 MiB)
+        if self._queued + len(data) > self.hub.manager.queue_limit:  # the hub drops slow clients
             self.close()
             return
         self._queued += len(data)
@@ -240,6 +240,8 @@ class StandinManager:
 
     def __init__(self, workspace: str) -> None:
         self.workspace = workspace
+        #: per-client backlog before the hub drops a client (the real hub: 2 MiB)
+        self.queue_limit = 2 << 20
         self.keys: dict[str, str] = {}          # fingerprint -> user
         self.roles: dict[tuple[str, str], str] = {}
         self.on_access_change: list[Callable[[str, str], None]] = []
