@@ -307,12 +307,17 @@ class Manager:
         os.chown(p.home, spec.uid, spec.gid)
         # Traversable (not listable) by the agent's uid: its home lives below.
         Path(p.state).chmod(0o711)
+        t0 = time.monotonic()
         await asyncio.to_thread(lifecycle.prepare, spec, self.cg)
+        t1 = time.monotonic()
         if self.network is not None and spec.network is not None:
             await self.network.add_agent(name, spec, self.template_of(row))
+        t2 = time.monotonic()
         self.store.update_agent(name, step="prepared")
         await self.pause_point("keeper")
         await self._spawn_keeper(name, spec)
+        log.debug("[agent=%s] start: prepare %.1f ms, network %.1f ms, keeper %.1f ms", name,
+                  (t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.monotonic() - t2) * 1e3)
         self.store.update_agent(name, step="running", started=now_iso(), exit_status=None)
         await self.pause_point("running")
         tpl = self.template_of(row)
@@ -351,6 +356,7 @@ class Manager:
             from sandbox.spec import Limits
             self.cg.prepare(keeper_cg, Limits(swap_bytes=None))
             self.cg.add(keeper_cg, proc.pid)
+        log.debug("[agent=%s] keeper %d spawned", name, proc.pid)
         assert proc.stdout is not None  # noqa: S101 - PIPE above
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), 30)
@@ -371,6 +377,7 @@ class Manager:
         self.store.update_agent(name, keeper_pid=proc.pid, keeper_start=kstart,
                                 init_pid=info["init_pid"])
         self.spawn(proc.wait(), f"keeper-reap-{name}")
+        log.debug("[agent=%s] keeper ready: init %d", name, info["init_pid"])
         await self._connect_hub(name)
 
     async def _connect_hub(self, name: str) -> None:
@@ -434,6 +441,9 @@ class Manager:
             t = self.config.stop_timeout if timeout is None else timeout
             hub = rt.hub
             if hub is not None and not hub.ended:
+                # A hangup first: interactive shells ignore SIGTERM but end on
+                # SIGHUP, as when a terminal closes; then SIGTERM for the rest.
+                hub.signal(signal.SIGHUP)
                 hub.signal(signal.SIGTERM)
                 await _wait_for(lambda: hub.ended, t)
             elif self._keeper_alive(row) and row.init_pid:
