@@ -44,6 +44,9 @@ def load_or_create_host_key(path: str) -> asyncssh.SSHKey:
     """Read the ed25519 host key at `path`, generating it (mode 0600) the first time."""
     if Path(path).exists():
         try:
+            if Path(path).stat().st_mode & 0o077:
+                log.warning("SSH host key %s was readable by others: mode set to 0600", path)
+                Path(path).chmod(0o600)
             return asyncssh.read_private_key(path)
         except (OSError, asyncssh.KeyImportError) as exc:
             raise HostSetupError(

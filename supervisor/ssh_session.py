@@ -313,6 +313,10 @@ class AgentSession(SSHServerStreamSession[bytes]):
                 if rec is not None:
                     rec.output(data)
                 await self._send(stdout, data)
+            # Say why the view ended (session exited, dropped as slow, revoked).
+            reason = getattr(client, "dropped_reason", "")
+            if reason and reason != "closed":
+                stdout.write(f"\r\n[corral: {reason}]\r\n".encode())
         except TimeoutError:
             log.info("%s client stopped reading: dropped", self._tag)
         finally:
