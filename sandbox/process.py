@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno as errno_mod
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -312,6 +313,9 @@ def start(spec: SandboxSpec, *, stdin: int, stdout: int, stderr: int, ctty: bool
         try:
             pid = os.fork()
             if pid == 0:
+                # A collection would touch every object and so copy most of the
+                # parent's heap (copy-on-write); init allocates next to nothing.
+                gc.disable()
                 try:
                     _arrange_fds(child_fds)
                 except BaseException:

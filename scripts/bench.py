@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sandbox import cgroups, lifecycle, netns  # noqa: E402
+from sandbox import cgroups, lifecycle, netns, process  # noqa: E402
 from sandbox.spec import Limits, Network, SandboxSpec, Workspace  # noqa: E402
 
 BWRAP = ["bwrap", "--unshare-all", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
@@ -184,6 +184,37 @@ def report(title: str, res: dict[str, list[float]]) -> list[str]:
     return out
 
 
+def breakdown(b: Bench, runs: int) -> list[str]:
+    """p50 wall time of each lifecycle step, to see where a cycle goes."""
+    steps: dict[str, list[float]] = {}
+
+    def timed_step(name: str, fn: Callable[..., object], *a: object, **kw: object) -> object:
+        t0 = time.perf_counter()
+        r = fn(*a, **kw)
+        steps.setdefault(name, []).append(time.perf_counter() - t0)
+        return r
+
+    null = os.open("/dev/null", os.O_RDWR)
+    try:
+        for _ in range(runs):
+            spec = b.spec()
+            for st in lifecycle.STEPS:
+                timed_step(f"prepare: {st.name}", st.prepare, spec, b.cg)
+            started = timed_step("start (fork init, cgroup move, mounts, spawn workload)",
+                                 process.start, spec, stdin=null, stdout=null, stderr=null,
+                                 ctty=False, cgroups=b.cg)
+            assert isinstance(started, process.Started)
+            timed_step("workload `true` runs and init exits", os.waitpid, started.init_pid, 0)
+            for st in reversed(lifecycle.STEPS):
+                timed_step(f"release: {st.name}", st.release, spec, b.cg, True)
+            shutil.rmtree(Path(spec.state_dir).parent, ignore_errors=True)
+    finally:
+        os.close(null)
+    out = ["### where a cycle goes (p50 per step)", "", "| step | p50 ms |", "|---|---:|"]
+    out += [f"| {k} | {ms(pct(v, .5))} |" for k, v in steps.items()]
+    return [*out, ""]
+
+
 def section_sandbox(args: argparse.Namespace) -> list[str]:
     base = Path(tempfile.mkdtemp(prefix="corral-bench-"))
     try:
@@ -192,6 +223,7 @@ def section_sandbox(args: argparse.Namespace) -> list[str]:
                  f"cgroup driver {b.cg.version})", ""]
         res0 = measure(b, args.runs)
         lines += report("no other sandboxes", res0)
+        lines += breakdown(b, max(10, args.runs // 2))
         print("\n".join(lines), flush=True)
         with b.background(args.existing):
             res1 = measure(b, args.runs)
