@@ -109,10 +109,6 @@ class _ExitOnClose(asyncssh.SSHWriter[bytes]):
             chan.close()
 
 
-async def _as_coro(aw: Awaitable[None]) -> None:
-    await aw
-
-
 EXEC_HANGUP_GRACE = 5.0
 
 
@@ -238,10 +234,25 @@ class AgentSession(SSHServerStreamSession[bytes]):
         chan = self._chan
         if not isinstance(chan, asyncssh.SSHServerChannel) or self._conn is None:
             return
+        try:
+            server = self._make_sftp(chan)
+        except Exception as exc:
+            # e.g. the agent is not running: say so, end the channel, keep the connection
+            log.info("%s sftp refused: %s", self._tag, exc)
+            chan.write_stderr(f"corral: {exc}\r\n".encode())
+            chan.exit(1)
+            return
         reader = asyncssh.SSHReader[bytes](self, chan)
         writer = _ExitOnClose(self, chan)
-        handler = run_sftp_server(self._make_sftp(chan), reader, writer, SFTP_VERSION)
-        self._task = self._ctx.tasks.spawn(_as_coro(handler), f"ssh-sftp{self._tag}")
+        self._ctx.tasks.spawn(self._serve_sftp(server, reader, writer), f"ssh-sftp{self._tag}")
+
+    async def _serve_sftp(self, server: WorkspaceSFTPServer, reader: asyncssh.SSHReader[bytes],
+                          writer: asyncssh.SSHWriter[bytes]) -> None:
+        # Not cancelled on connection loss: the handler sees EOF and cleans up itself.
+        try:
+            await run_sftp_server(server, reader, writer, SFTP_VERSION)
+        finally:
+            server.exit()   # idempotent: the workspace fd is closed however the session ended
 
     async def _run(self, stdin: asyncssh.SSHReader[bytes], stdout: asyncssh.SSHWriter[bytes],
                    stderr: asyncssh.SSHWriter[bytes]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -334,3 +335,55 @@ def test_downgrade_and_revoke_reach_a_live_sftp_session(env: Env) -> None:
     assert (ws / "b.txt").read_bytes() == b""
     assert not (ws / "c.txt").exists()
     assert closed
+
+
+def test_sftp_sessions_release_their_fds(env: Env) -> None:
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def sessions(n: int, cut: bool) -> None:
+        for i in range(n):
+            conn = await env.connect("alice")
+            sftp = await conn.start_sftp_client()
+            f = await sftp.open(f"f{i}.txt", "wb")    # a handle left open on purpose
+            await f.write(b"x")
+            if cut:
+                conn.abort()                           # the client vanishes mid-session
+            else:
+                sftp.exit()
+                conn.close()
+            await conn.wait_closed()
+
+    env.run(sessions(1, False))        # warm-up: asyncssh's lazily created fds
+    before = fds()
+    env.run(sessions(5, False))
+    env.run(sessions(5, True))
+    for _ in range(100):
+        if fds() <= before:
+            break
+        time.sleep(0.1)
+    assert fds() <= before
+    # positive control: the sessions really opened and wrote files
+    assert sorted(p.name for p in (env.tmp / "ws").glob("f*.txt")) == [
+        f"f{i}.txt" for i in range(5)]
+
+
+def test_sftp_on_a_stopped_agent_fails_cleanly(env: Env) -> None:
+    def gone(name: str) -> str:
+        raise RuntimeError(f"agent {name!r} is stopped")
+    env.mgr.workspace_view = gone  # type: ignore[method-assign]
+
+    async def go() -> tuple[str, bytes]:
+        async with await env.connect("alice") as conn:
+            err = ""
+            try:
+                async with conn.start_sftp_client():
+                    pass
+            except (asyncssh.Error, OSError) as exc:
+                err = type(exc).__name__
+            r = await conn.run("echo alive", check=False, encoding=None)   # same connection
+            return err, bytes(r.stdout)
+
+    err, out = env.run(go())
+    assert err
+    assert out == b"alive\n"
