@@ -259,6 +259,14 @@ def test_shared_session_viewer_dropped_late_joiner_sees_screen(ssh_env: SshEnv) 
     # a late joiner sees the current screen at once, before anything new is printed
     e.attach_in_tmux("bob", "bob")
     wait_until(lambda: "COLLAB_42" in e.screen("bob"), what="late joiner sees current screen")
+    # the owner types too; everyone sees it
+    e.type("bob", "echo OWNER_$((5*5))")
+    for name in ("alice", "bob", "carol"):
+        wait_until(lambda n=name: "OWNER_25" in e.screen(n), what=f"{name} sees bob's output")
+    # hand-off on a live connection: the viewer becomes owner and can type at once
+    e.lt.call(e.mgr.set_role, AGENT, "carol", "owner")
+    e.type("carol", "echo HANDED_$((3*3))")
+    wait_until(lambda: "HANDED_9" in e.screen("alice"), what="upgraded viewer's typing arrives")
     # recordings: valid asciicast v2 with the session's output
     e.tmux("kill-session", "-t", "alice")
     wait_until(lambda: len(e.events("session.detach")) >= 1, what="detach audited")
