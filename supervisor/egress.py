@@ -374,6 +374,7 @@ class RateLimiter:
 @dataclass
 class _AgentDns:
     name: str
+    veth: str  # its host-side veth: the key of its elements in the nft sets
     gateway: str
     allow: list[AllowEntry]
     ipv6: bool
@@ -455,12 +456,19 @@ class Resolver:
         *,
         ipv6: bool = False,
         allow_all: bool = False,
+        veth: str | None = None,
     ) -> None:
-        """Start answering `agent`'s queries on gateway_ip:53 (UDP and TCP)."""
+        """Start answering `agent`'s queries on gateway_ip:53 (UDP and TCP).
+
+        `veth` is the agent's host-side veth; by default it is looked up in the
+        scope's nft table, so call nft.apply_agent first.
+        """
         if agent in self.agents:
             await self.remove_agent(agent)
         gw = str(ipaddress.ip_interface(gateway_ip).ip)
-        st = _AgentDns(agent, gw, _to_entries(allow_entries), ipv6, allow_all)
+        if veth is None:
+            veth = await asyncio.to_thread(nft.veth_of, self.scope, agent)
+        st = _AgentDns(agent, veth, gw, _to_entries(allow_entries), ipv6, allow_all)
         loop = asyncio.get_running_loop()
         fam = socket.AF_INET6 if ":" in gw else socket.AF_INET
         usock = _bind(fam, socket.SOCK_DGRAM, gw, self.port)
@@ -502,7 +510,7 @@ class Resolver:
                 stale.append(key)
                 del st.learned[key]
         if stale:
-            script = nft.plan_forget(self.scope, agent, stale)
+            script = nft.plan_forget(self.scope, st.veth, stale)
             async with self._nft_lock:
                 await asyncio.to_thread(self.nft_script, script)
             log.info("[agent=%s] forgot %d learned destinations", agent, len(stale))
@@ -662,7 +670,7 @@ class Resolver:
                 st.learned[key] = (name, now + ttl)
         if not items:
             return
-        script = nft.plan_learned(self.scope, st.name, items)
+        script = nft.plan_learned(self.scope, st.veth, items)
         async with self._nft_lock:
             await asyncio.to_thread(self.nft_script, script)
         st.stats["learned"] += len(items)

@@ -570,6 +570,139 @@ def _hold(host: str, port: int, flag: Path) -> int:
         return 1
 
 
+def _sink(port: int) -> None:
+    """Accept TCP connections on `port` and discard what they send (throughput target)."""
+    import threading
+
+    srv = socket.create_server(("0.0.0.0", port), backlog=64, reuse_port=False)
+
+    def drain(c: socket.socket) -> None:
+        buf = bytearray(1 << 20)
+        with c:
+            while c.recv_into(buf):
+                pass
+
+    while True:
+        c, _ = srv.accept()
+        threading.Thread(target=drain, args=(c,), daemon=True).start()
+
+
+def _blast(host: str, port: int, megabytes: int, connects: int) -> None:
+    """Print {"mbps": ..., "connect_ms": ...}: one bulk transfer, then `connects` connects."""
+    chunk = b"\0" * (1 << 20)
+    t0 = time.perf_counter()
+    with socket.create_connection((host, port), timeout=30) as s:
+        for _ in range(megabytes):
+            s.sendall(chunk)
+    secs = time.perf_counter() - t0
+    lat = []
+    for _ in range(connects):
+        t = time.perf_counter()
+        socket.create_connection((host, port), timeout=30).close()
+        lat.append(time.perf_counter() - t)
+    lat.sort()
+    print(
+        json.dumps(
+            {
+                "mbps": round(megabytes * 8 / secs, 1),
+                "connect_ms_median": round(lat[len(lat) // 2] * 1000, 3),
+            }
+        )
+    )
+
+
+def _bench(agents_loaded: int) -> dict[str, Any]:
+    """Policy cost: setup time per agent with N agents loaded; throughput and connect
+    latency agent -> world with the policy against the same path with no rules."""
+    import secrets
+    import statistics
+
+    sys.path.insert(0, str(REPO))
+    from sandbox import nft
+
+    uniq = "b" + secrets.token_hex(3)[:5]
+    tmp = Path("/tmp") / f"corral-bench-{uniq}"
+    tmp.mkdir()
+    out: dict[str, Any] = {"agents_loaded": agents_loaded}
+    dummies: list[str] = []
+    try:
+        with world(uniq, tmp) as w, agents(uniq, 1) as (subnet, (ag,)):
+            w.popen(PY, str(HERE), "sink", "9001")
+            wait_for(lambda: host_tcp_ok(w.w1, 9001), 30, "the sink")
+
+            def blast() -> dict[str, Any]:
+                r = ag.run(PY, str(HERE), "blast", w.w1, "9001", "1000", "300", timeout=300)
+                assert r.returncode == 0, r.stderr
+                res: dict[str, Any] = json.loads(r.stdout)
+                return res
+
+            # no rules: plain routing (forwarding on both veths, a route back)
+            for dev in (ag.veth, w.veth):
+                sh("sysctl", "-qw", f"net.ipv4.conf.{dev}.forwarding=1")
+            w.ip("route", "add", str(subnet), "via", w.host_ip)
+            blast()  # warm up
+            out["no_rules"] = blast()
+            w.ip("route", "del", str(subnet), "via", w.host_ip)
+            sh("sysctl", "-qw", f"net.ipv4.conf.{ag.veth}.forwarding=0")
+            sh("sysctl", "-qw", f"net.ipv4.conf.{w.veth}.forwarding=0")
+
+            try:
+                nft.ensure_table(uniq, uplinks=[w.veth])
+                # N other agents' rules loaded (on unconnected interfaces)
+                for i in range(agents_loaded):
+                    d = f"{uniq}d{i}"
+                    # (this kernel has no dummy driver: a veth pair per fake agent)
+                    sh("ip", "link", "add", d, "type", "veth", "peer", "name", f"{uniq}e{i}")
+                    dummies.append(d)
+                times = []
+                for i, d in enumerate(dummies):
+                    allow = nft.parse_allow([f"198.18.{i % 250}.0/24:443", "198.18.255.1"])
+                    t = time.perf_counter()
+                    nft.apply_agent(
+                        uniq,
+                        f"a{i}",
+                        d,
+                        f"198.19.{i // 60}.{(i % 60) * 4 + 2}",
+                        f"198.19.{i // 60}.{(i % 60) * 4 + 1}",
+                        allow,
+                    )
+                    times.append(time.perf_counter() - t)
+                allow = nft.parse_allow([f"{w.w1}:9001"])
+                t = time.perf_counter()
+                nft.apply_agent(uniq, ag.agent, ag.veth, ag.addr, ag.gateway, allow)
+                out["apply_agent_ms_with_n_loaded"] = round((time.perf_counter() - t) * 1000, 1)
+                if times:
+                    out["apply_agent_ms_median_while_loading"] = round(
+                        statistics.median(times) * 1000, 1
+                    )
+                t = time.perf_counter()
+                nft.add_learned(uniq, ag.agent, "198.18.255.7", 443, 60)
+                out["add_learned_ms"] = round((time.perf_counter() - t) * 1000, 1)
+                blast()
+                out["policy"] = blast()
+                t = time.perf_counter()
+                nft.remove_agent(uniq, ag.agent)
+                out["remove_agent_ms"] = round((time.perf_counter() - t) * 1000, 1)
+            finally:
+                nft.drop_table(uniq)
+    finally:
+        for d in dummies:
+            sh("ip", "link", "del", d, check=False)
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    out["throughput_ratio"] = round(out["policy"]["mbps"] / out["no_rules"]["mbps"], 3)
+    return out
+
+
+def host_tcp_ok(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
 def main(argv: Sequence[str]) -> int:
     if argv[0] == "serve":
         asyncio.run(_serve(Path(argv[1]), Path(argv[2]), json.loads(argv[3]), argv[4].split(",")))
@@ -581,6 +714,16 @@ def main(argv: Sequence[str]) -> int:
         return _udp(argv[1], int(argv[2]), float(argv[3]))
     if argv[0] == "hold":
         return _hold(argv[1], int(argv[2]), Path(argv[3]))
+    if argv[0] == "sink":
+        _sink(int(argv[1]))
+        return 0
+    if argv[0] == "blast":
+        _blast(argv[1], int(argv[2]), int(argv[3]), int(argv[4]))
+        return 0
+    if argv[0] == "bench":
+        # as root: python tests/integration/networld.py bench [AGENTS_LOADED]
+        print(json.dumps(_bench(int(argv[1]) if len(argv) > 1 else 200), indent=2))
+        return 0
     if argv[0] == "raw":
         return _raw(argv[1], int(argv[2]))
     raise SystemExit(f"unknown command {argv[0]!r}")

@@ -259,7 +259,7 @@ def test_forwarding_is_scoped_and_teardown_leaves_nothing(
             assert Path(f"/proc/sys/net/ipv4/conf/{ag.veth}/forwarding").read_text() == "0\n"
             assert not ag.tcp(w.w1, 7)
             listing = sh("nft", "list", "table", "inet", f"corral_{scope}").stdout
-            assert "agent_x" not in listing
+            assert "agent-x" not in listing
             assert ag.veth not in listing
         finally:
             nft.drop_table(scope)

@@ -119,13 +119,17 @@ def e(env: Env, need_root: None) -> Env:
     return env
 
 
-def learned(e: Env, agent: str, kind: str) -> list[Any]:
-    a = agent.replace("-", "_")
-    out = sh("nft", "-j", "list", "set", "inet", f"corral_{e.scope}", f"{kind}_{a}").stdout
+def learned(e: Env, ag: Agent, kind: str) -> list[dict[str, Any]]:
+    """`ag`'s elements of the learned set `kind` ("l4", "l4p"): {"key": [...], "timeout": ...}."""
+    out = sh("nft", "-j", "list", "set", "inet", f"corral_{e.scope}", kind).stdout
+    res = []
     for it in json.loads(out)["nftables"]:
-        if "set" in it:
-            return list(it["set"].get("elem", []))
-    return []
+        for el in it.get("set", {}).get("elem", []):
+            elem = el["elem"] if isinstance(el, dict) and "elem" in el else {"val": el}
+            parts = elem["val"]["concat"]
+            if parts[0] == ag.veth:
+                res.append({**elem, "key": parts[1:]})
+    return res
 
 
 def test_allowed_name_resolves_and_only_its_port_opens(e: Env) -> None:
@@ -135,7 +139,7 @@ def test_allowed_name_resolves_and_only_its_port_opens(e: Env) -> None:
     body = ag.http("http://ok.corral.test/")
     assert body == f"world {w.w1}:80 host=ok.corral.test\n"
     assert not ag.tcp(w.w1, 7)  # the entry is port-qualified: only :80 opened
-    vals = [el["elem"]["val"]["concat"] for el in learned(e, ag.agent, "l4p")]
+    vals = [el["key"] for el in learned(e, ag, "l4p")]
     assert [w.w1, 80] in vals
     # over TCP as well
     assert ag.dig("ok.corral.test", ag.gateway, "+tcp") == [w.w1]
@@ -213,7 +217,7 @@ def test_answers_pointing_inside_are_refused(e: Env) -> None:
     assert "egress.dns_rebinding" in kinds
     assert e.resolver.stats(ag.agent)["rebinding_blocked"] >= 6
     # none of them made it into the agent's sets
-    vals = {str(el) for el in learned(e, ag.agent, "l4")}
+    vals = {str(el["key"]) for el in learned(e, ag, "l4")}
     assert not any(x in v for v in vals for x in ("127.0.0.1", "169.254", e.a1.addr))
 
 
@@ -221,9 +225,7 @@ def test_ttl_is_bounded(e: Env) -> None:
     ag = e.a0
     r = ag.run("dig", "+time=2", f"@{ag.gateway}", "ttl0.corral.test", "+noall", "+answer")
     assert r.stdout.split()[1] == "0"  # the agent is told TTL 0 ...
-    elems = {
-        el["elem"]["val"]: el["elem"] for el in learned(e, ag.agent, "l4") if isinstance(el, dict)
-    }
+    elems = {el["key"][0]: el for el in learned(e, ag, "l4")}
     assert elems[e.world.w1]["timeout"] >= nft.MIN_LEARNED_TTL  # ... the set keeps it >= 5 s
 
 

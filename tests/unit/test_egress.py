@@ -332,7 +332,10 @@ def run_resolver(
         )
         try:
             await r.add_agent(
-                "web-1", "127.0.0.2", allow if allow is not None else ["ok.test:443", "*.svc.test"]
+                "web-1",
+                "127.0.0.2",
+                allow if allow is not None else ["ok.test:443", "*.svc.test"],
+                veth="cvweb1",
             )
             await body(r, up, port, scripts, events)
         finally:
@@ -350,7 +353,7 @@ def test_resolver_answers_allowed_names_and_learns_them() -> None:
         assert m is not None
         assert m.rcode == 0
         assert [(a.name, a.rdata, a.ttl) for a in m.answers] == [("ok.test", A1, 300)]
-        assert scripts == [nft.plan_learned("s", "web-1", [("198.18.0.1", 443, 310)])]
+        assert scripts == [nft.plan_learned("s", "cvweb1", [("198.18.0.1", 443, 310)])]
         assert up.seen == [("udp", "ok.test", T_A)]  # lowercased, fresh query
         m = await ask("127.0.0.2", port, "x.svc.test", tcp=True)
         assert m is not None
@@ -425,7 +428,7 @@ def test_resolver_update_forgets_and_remove_stops() -> None:
         await ask("127.0.0.2", port, "ok.test")
         await ask("127.0.0.2", port, "x.svc.test")
         await r.update_agent("web-1", ["ok.test:443"])
-        assert scripts[-1] == nft.plan_forget("s", "web-1", [("198.18.0.2", None)])
+        assert scripts[-1] == nft.plan_forget("s", "cvweb1", [("198.18.0.2", None)])
         m = await ask("127.0.0.2", port, "x.svc.test")
         assert m is not None
         assert m.rcode == egress.REFUSED
@@ -446,7 +449,7 @@ def test_upstream_down_is_servfail() -> None:
             nft_script=lambda s: None,
         )
         try:
-            await r.add_agent("web-1", "127.0.0.2", ["ok.test"])
+            await r.add_agent("web-1", "127.0.0.2", ["ok.test"], veth="cvweb1")
             m = await ask("127.0.0.2", port, "ok.test")
             assert m is not None
             assert m.rcode == egress.SERVFAIL

@@ -122,108 +122,217 @@ def test_overlapping_networks_are_collapsed_per_port() -> None:
     assert els["s6p"] == []
 
 
-def _agent_rules(text: str, chain: str) -> list[str]:
+def _rules(chain: str) -> list[str]:
+    text = nft.plan_table("s")
     prefix = f"add rule inet corral_s {chain} "
     return [ln[len(prefix) :] for ln in text.splitlines() if ln.startswith(prefix)]
 
 
-def test_agent_chain_is_default_deny() -> None:
+def test_table_rules_are_default_deny() -> None:
+    fwd = _rules("from_agent")
+    # the first rules send to deny: other agents, invalid, spoofed, IPv6 when off
+    assert fwd[0] == "oifname @agent_ifs goto deny"
+    assert "meta nfproto ipv4 iifname . ip saddr != @srcs goto deny" in fwd
+    assert "meta nfproto ipv6 iifname != @v6_ifs goto deny" in fwd
+    assert fwd[-1] == "goto deny"  # whatever is not accepted ends there
+    assert all(r.endswith(("accept", "goto deny")) for r in fwd)
+    # every accept is keyed by the agent's own veth (iifname) in its lookup
+    assert all("iifname" in r for r in fwd if r.endswith("accept"))
+    i = fwd.index("iifname @all_ifs ct mark set iifname map @gen_map iifname @c_ok accept")
+    assert any("169.254.0.0/16" in r for r in fwd[:i])  # metadata stays blocked even then
+    assert _rules("agent_in") == [
+        "ct state established,related accept",
+        "meta l4proto { tcp, udp } th dport 53 iifname . ip daddr @gws socket wildcard 0 "
+        "iifname @c_dns accept",
+        "iifname @v6_ifs icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, "
+        "nd-router-solicit } ip6 hoplimit 255 accept",
+        "goto deny",
+    ]
+    deny = _rules("deny")
+    assert deny[0] == "iifname @c_deny"
+    assert deny[-1].startswith("reject")
+    assert _rules("forward")[0] == "iifname @agent_ifs goto from_agent"
+    assert _rules("input") == ["iifname @agent_ifs goto agent_in"]
+    # rules are rewritten whole on every ensure: flushed, then added
+    text = nft.plan_table("s")
+    assert text.index("flush chain inet corral_s forward") < text.index(
+        "add rule inet corral_s forward"
+    )
+
+
+def test_new_agent_is_only_elements() -> None:
     text = nft.plan_agent(
         "s",
         "web-1",
         "cv123",
         "198.19.0.2/30",
         "198.19.0.1/30",
-        nft.parse_allow(["198.18.0.10:5432", "pypi.org"]),
+        nft.parse_allow(["198.18.0.10:5432", "pypi.org", "198.18.1.0/24"]),
         generation=0x1234,
     )
-    fwd = _agent_rules(text, "a_web_1")
-    # the first rules send to deny: other agents, invalid, spoofed, IPv6
-    assert fwd[0] == "oifname @agent_ifs goto d_web_1"
-    assert "meta nfproto ipv4 ip saddr != 198.19.0.2 goto d_web_1" in fwd
-    assert "meta nfproto ipv6 goto d_web_1" in fwd
-    assert fwd[-1] == "goto d_web_1"  # and whatever is not accepted ends there
-    assert all("accept" in r or "goto d_web_1" in r for r in fwd)
-    assert all("0x00001234" in r for r in fwd if "accept" in r)
-    inp = _agent_rules(text, "i_web_1")
-    assert inp == [
-        "ct state established,related accept",
-        "ip daddr 198.19.0.1 meta l4proto { tcp, udp } th dport 53 socket wildcard 0 "
-        'counter name "dns_web_1" accept',
-        "goto d_web_1",
-    ]
-    deny = _agent_rules(text, "d_web_1")
-    assert deny[0] == 'counter name "d_web_1"'
-    assert deny[-1].startswith("reject")
-    assert "add element inet corral_s s4p_web_1 { 198.18.0.10/32 . 5432 }" in text
-    # domains are not addresses: nothing of pypi.org in the static sets
-    assert "pypi" not in text
-    assert 'add element inet corral_s fwd_map { "cv123" : goto a_web_1 }' in text
+    lines = text.splitlines()
+    assert all(ln.startswith("add element inet corral_s ") for ln in lines if ln)
+    t = "add element inet corral_s"
+    assert f'{t} agent_ifs {{ "cv123" comment "web-1" }}' in lines
+    assert f'{t} srcs {{ "cv123" . 198.19.0.2 }}' in lines
+    assert f'{t} gws {{ "cv123" . 198.19.0.1 }}' in lines
+    assert f'{t} gen_map {{ "cv123" : 0x00001234 }}' in lines
+    assert f'{t} gens {{ 0x00001234 . "cv123" }}' in lines
+    assert f'{t} s4p {{ "cv123" . 198.18.0.10/32 . 5432 }}' in lines
+    assert f'{t} s4 {{ "cv123" . 198.18.1.0/24 }}' in lines
+    assert "v6_ifs" not in text
+    assert "all_ifs" not in text
+    assert "pypi" not in text  # domains are the resolver's job
+    v6 = nft.plan_agent("s", "a", "v", "198.19.0.2", "198.19.0.1", [], ipv6=True, allow_all=True)
+    assert f'{t} v6_ifs {{ "v" }}' in v6
+    assert f'{t} all_ifs {{ "v" }}' in v6
 
 
-def test_ipv6_and_allow_all_variants() -> None:
-    v6 = nft.plan_agent("s", "a", "v", "198.19.0.2", "198.19.0.1", [], ipv6=True)
-    fwd = _agent_rules(v6, "a_a")
-    assert "meta nfproto ipv6 goto d_a" not in fwd
-    assert 'ip6 daddr @s6_a ct mark set 0x00000001 counter name "ok_a" accept' in fwd
-    assert any("nd-neighbor-solicit" in r for r in _agent_rules(v6, "i_a"))
-    everything = nft.plan_agent("s", "a", "v", "198.19.0.2", "198.19.0.1", [], allow_all=True)
-    fwd = _agent_rules(everything, "a_a")
-    i = fwd.index('ct mark set 0x00000001 counter name "ok_a" accept')
-    blocks = [n for n, r in enumerate(fwd) if "169.254.0.0/16" in r]
-    assert blocks
-    assert blocks[0] < i
-    assert fwd[0] == "oifname @agent_ifs goto d_a"  # and other agents too
+STATE = nft.TableState(
+    elements={
+        "agent_ifs": ['"cv1"', '"cv2"'],
+        "agent_addrs": ["198.19.0.2", "198.19.0.6"],
+        "srcs": ['"cv1" . 198.19.0.2', '"cv2" . 198.19.0.6'],
+        "gws": ['"cv1" . 198.19.0.1', '"cv2" . 198.19.0.5'],
+        "gens": ['4660 . "cv1"', '7 . "cv2"'],
+        "c_ok": ['"cv1"', '"cv2"'],
+        "s4": ['"cv1" . 198.18.0.0/24', '"cv2" . 198.18.0.0/24'],
+        "l4p": ['"cv1" . 198.18.5.5 . 443'],
+        "dn4": ['"cv1" . 198.18.9.9 . tcp . 22'],
+    },
+    owners={"cv1": "web-1", "cv2": "web-2"},
+    gens={"cv1": 4660, "cv2": 7},
+)
 
 
-def test_replacing_a_veth_unhooks_the_old_one() -> None:
+def test_reload_replaces_policy_but_keeps_learned() -> None:
     text = nft.plan_agent(
-        "s", "a", "new0", "198.19.0.2", "198.19.0.1", [], old_veth="old0", stale=["b"]
+        "s",
+        "web-1",
+        "cv1",
+        "198.19.0.2",
+        "198.19.0.1",
+        nft.parse_allow(["198.18.7.7"]),
+        generation=9,
+        state=STATE,
     )
-    assert 'delete element inet corral_s fwd_map { "old0" }' in text
-    assert 'add element inet corral_s fwd_map { "new0" : goto a_b }' in text  # b's stale hook
-    # unhooking happens before hooking the new veth
-    assert text.index('delete element inet corral_s agent_ifs { "old0" }') < text.index(
-        'add element inet corral_s fwd_map { "new0" : goto a_a }'
+    lines = text.splitlines()
+    t = "inet corral_s"
+    for gone in (
+        's4 { "cv1" . 198.18.0.0/24 }',
+        'gens { 4660 . "cv1" }',
+        'gen_map { "cv1" }',
+        'srcs { "cv1" . 198.19.0.2 }',
+        "agent_addrs { 198.19.0.2 }",
+    ):
+        assert f"delete element {t} {gone}" in lines
+    # deletions come before the additions, in one transaction
+    assert lines.index(f'delete element {t} gen_map {{ "cv1" }}') < lines.index(
+        f'add element {t} gen_map {{ "cv1" : 0x00000009 }}'
     )
+    assert "l4p" not in text  # learned destinations stay (the resolver prunes them)
+    assert "dn4" not in text
+    assert "cv2" not in text  # the neighbour is untouched
+
+
+def test_agent_moving_to_another_veth_or_taking_one_over() -> None:
+    moved = nft.plan_agent("s", "web-1", "cv9", "198.19.0.2", "198.19.0.1", [], state=STATE)
+    assert 'delete element inet corral_s l4p { "cv1" . 198.18.5.5 . 443 }' in moved
+    assert 'delete element inet corral_s agent_ifs { "cv1" }' in moved
+    taken = nft.plan_agent("s", "web-3", "cv2", "198.19.0.6", "198.19.0.5", [], state=STATE)
+    assert 'delete element inet corral_s agent_ifs { "cv2" }' in taken
+    assert 'add element inet corral_s agent_ifs { "cv2" comment "web-3" }' in taken
+    assert taken.count('delete element inet corral_s gen_map { "cv2" }') == 1
 
 
 def test_remove_plan_deletes_everything_of_the_agent() -> None:
-    text = nft.plan_remove_agent("s", "web-1", "cv1", "198.19.0.2")
-    for obj in (
-        "chain inet corral_s a_web_1",
-        "chain inet corral_s d_web_1",
-        "set inet corral_s l4p_web_1",
-        "counter inet corral_s dns_web_1",
-        "set inet corral_s dn6x_web_1",
+    text = nft.plan_remove_agent("s", "web-1", STATE)
+    lines = text.splitlines()
+    t = "inet corral_s"
+    for gone in (
+        'agent_ifs { "cv1" }',
+        'c_ok { "cv1" }',
+        's4 { "cv1" . 198.18.0.0/24 }',
+        'l4p { "cv1" . 198.18.5.5 . 443 }',
+        'dn4 { "cv1" . 198.18.9.9 . tcp . 22 }',
+        "agent_addrs { 198.19.0.2 }",
+        'gen_map { "cv1" }',
     ):
-        assert f"delete {obj}" in text
-    # chains before the sets they reference; the deny chain after those that jump to it
-    assert text.index("delete chain inet corral_s a_web_1") < text.index(
-        "delete chain inet corral_s d_web_1"
-    )
-    assert text.index("delete chain inet corral_s d_web_1") < text.index(
-        "delete set inet corral_s s4_web_1"
-    )
-    assert 'delete element inet corral_s agent_ifs { "cv1" }' in text
+        assert f"delete element {t} {gone}" in lines
+    # elements that may expire meanwhile are re-added first, so the delete cannot fail
+    i = lines.index(f'delete element {t} l4p {{ "cv1" . 198.18.5.5 . 443 }}')
+    assert lines[i - 1] == f'add element {t} l4p {{ "cv1" . 198.18.5.5 . 443 }}'
+    assert "cv2" not in text
+    assert nft.plan_remove_agent("s", "nobody", STATE) == ""
+
+
+def test_parse_state_from_nft_json() -> None:
+    items = [
+        {
+            "set": {
+                "name": "agent_ifs",
+                "type": "ifname",
+                "elem": [{"elem": {"val": "cv1", "comment": "web-1"}}],
+            }
+        },
+        {
+            "set": {
+                "name": "s4",
+                "type": ["ifname", "ipv4_addr"],
+                "elem": [
+                    {"concat": ["cv1", {"prefix": {"addr": "198.18.0.0", "len": 24}}]},
+                    {"concat": ["cv1", "198.18.1.1"]},
+                ],
+            }
+        },
+        {
+            "set": {
+                "name": "l4p",
+                "type": ["ifname", "ipv4_addr", "inet_service"],
+                "elem": [
+                    {
+                        "elem": {
+                            "val": {"concat": ["cv1", "1.2.3.4", 443]},
+                            "timeout": 60,
+                            "expires": 50,
+                        }
+                    }
+                ],
+            }
+        },
+        {"set": {"name": "gens", "type": ["mark", "ifname"], "elem": [{"concat": [9, "cv1"]}]}},
+        {"map": {"name": "gen_map", "type": "ifname", "map": "mark", "elem": [["cv1", 9]]}},
+        {"chain": {"name": "forward"}},
+    ]
+    st = nft.parse_state(items)
+    assert st.owners == {"cv1": "web-1"}
+    assert st.gens == {"cv1": 9}
+    assert st.of("s4", "cv1") == ['"cv1" . 198.18.0.0/24', '"cv1" . 198.18.1.1']
+    assert st.of("l4p", "cv1") == ['"cv1" . 1.2.3.4 . 443']
+    assert st.of("gens", "cv1") == ['9 . "cv1"']
+    assert st.of("s4", "cv2") == []
+    assert st.veth_of("web-1") == "cv1"
 
 
 def test_learned_elements_refresh_their_timeout() -> None:
     text = nft.plan_learned(
-        "s", "a", [("198.18.0.1", None, 1), ("198.18.0.2", 443, 10**6), ("2001:db8::1", 80, 60)]
+        "s", "cv1", [("198.18.0.1", None, 1), ("198.18.0.2", 443, 10**6), ("2001:db8::1", 80, 60)]
     )
     lines = text.splitlines()
+    t = "add element inet corral_s"
     assert lines[:3] == [
-        "add element inet corral_s l4_a { 198.18.0.1 }",
-        "delete element inet corral_s l4_a { 198.18.0.1 }",
-        "add element inet corral_s l4_a { 198.18.0.1 timeout 5s }",
+        f'{t} l4 {{ "cv1" . 198.18.0.1 }}',
+        'delete element inet corral_s l4 { "cv1" . 198.18.0.1 }',
+        f'{t} l4 {{ "cv1" . 198.18.0.1 timeout 5s }}',
     ]
-    assert "add element inet corral_s l4p_a { 198.18.0.2 . 443 timeout 3600s }" in lines
-    assert "add element inet corral_s l6p_a { 2001:db8::1 . 80 timeout 60s }" in lines
+    assert f'{t} l4p {{ "cv1" . 198.18.0.2 . 443 timeout 3600s }}' in lines
+    assert f'{t} l6p {{ "cv1" . 2001:db8::1 . 80 timeout 60s }}' in lines
     with pytest.raises(CorralError):
-        nft.plan_learned("s", "a", [("nonsense", None, 5)])
-    forget = nft.plan_forget("s", "a", [("198.18.0.2", 443)])
-    assert "delete element inet corral_s l4p_a { 198.18.0.2 . 443 }" in forget
+        nft.plan_learned("s", "cv1", [("nonsense", None, 5)])
+    with pytest.raises(CorralError):
+        nft.plan_learned("s", "bad veth", [("198.18.0.1", None, 5)])
+    forget = nft.plan_forget("s", "cv1", [("198.18.0.2", 443)])
+    assert 'delete element inet corral_s l4p { "cv1" . 198.18.0.2 . 443 }' in forget
 
 
 def test_clamp_ttl() -> None:
