@@ -72,6 +72,8 @@ class SshLimits:
     max_channels: int = 10
     #: channel opens refused on one connection before it is disconnected
     max_refused_channels: int = 1000
+    #: public keys one connection may try (offered or signed) before it is cut
+    max_auth_tries: int = 20
     #: seconds an unauthenticated connection may take to log in
     login_grace: float = 20.0
     #: unauthenticated connections at once, server-wide; more are dropped on accept

@@ -54,6 +54,7 @@ class CorralSSHServer(asyncssh.SSHServer):
         self._channels = 0
         self._chan_seq = 0
         self._refused_channels = 0
+        self._key_tries = 0
 
     # --- connection lifetime ---------------------------------------------------
 
@@ -117,6 +118,13 @@ class CorralSSHServer(asyncssh.SSHServer):
         # Synchronous on purpose: see the module docstring (no await between
         # this call, the signature check and auth_completed).
         self._candidate = None
+        self._key_tries += 1
+        if self._key_tries > self._ctx.limits.max_auth_tries:
+            # Like OpenSSH's MaxAuthTries: every try costs a store lookup.
+            if self._key_tries == self._ctx.limits.max_auth_tries + 1 and self._conn:
+                log.info("too many keys tried from %s: disconnecting", self._addr)
+                self._conn.close()
+            return False
         if not AGENT_NAME.match(username):
             return False
         fingerprint = key.get_fingerprint("sha256")

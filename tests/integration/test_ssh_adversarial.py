@@ -387,3 +387,26 @@ def test_sftp_on_a_stopped_agent_fails_cleanly(env: Env) -> None:
     err, out = env.run(go())
     assert err
     assert out == b"alive\n"
+
+
+def test_key_spraying_is_cut_off(env: Env) -> None:
+    good = asyncssh.read_private_key(str(env.keys["alice"]))
+
+    async def attempt(n_wrong: int) -> str:
+        wrong = [asyncssh.generate_private_key("ssh-ed25519") for _ in range(n_wrong)]
+        try:
+            async with asyncssh.connect("127.0.0.1", env.handle.port, username=AGENT,
+                                        client_keys=[*wrong, good], known_hosts=None,
+                                        agent_path=None, config=None) as conn:
+                r = await conn.run("echo in", check=False, encoding=None)
+                return bytes(r.stdout).decode()
+        except (asyncssh.Error, OSError) as exc:
+            return type(exc).__name__
+
+    assert env.run(attempt(3)) == "in\n"          # a few wrong keys first: still fine
+    assert env.run(attempt(40)) != "in\n"         # 40 wrong keys: cut before the good one
+    for _ in range(200):     # the failed connection is audited once it is gone
+        if any(k == "ssh.login_failed" for k, _, _ in env.mgr.events):
+            break
+        time.sleep(0.1)
+    assert any(k == "ssh.login_failed" for k, _, _ in env.mgr.events)
