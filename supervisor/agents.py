@@ -270,12 +270,16 @@ class Manager:
     async def _lease_ports(self, name: str, tpl: Template) -> dict[str, int]:
         lo, hi = self.config.ports.lo, self.config.ports.hi
         out: dict[str, int] = {}
-        from supervisor.ports import port_free
+        from supervisor.ports import claim, claimer
         for svc in tpl.services:
             if svc.port is None:
                 continue
+            # The claim is taken inside the lease transaction, so two daemons
+            # sharing the host never lease the same port.
+            owner = f"{self.scope} {name} {svc.name}"
             out[svc.name] = self.store.lease("port", name, lo, hi, purpose=svc.name,
-                                             acceptable=port_free)
+                                             acceptable=claimer(owner))
+            claim(out[svc.name], owner)  # an existing lease: make sure it is claimed
         return out
 
     # ------------------------------------------------------------------ start
@@ -327,6 +331,8 @@ class Manager:
             rt.services = ServiceSet(self, name, spec, tpl)
             await rt.services.start()
         self.set_state(name, "running")
+        if self.rt(name).services is not None:
+            self.rt(name).services.sync_agent_state()  # a service may be unhealthy already
 
     async def _spawn_keeper(self, name: str, spec: SandboxSpec) -> None:
         p = self.paths(name)
@@ -524,6 +530,9 @@ class Manager:
         else:
             await asyncio.to_thread(_rmtree_nofollow, p.state)
         await asyncio.to_thread(shutil.rmtree, p.run, True)
+        from supervisor.ports import unclaim
+        for lease in self.store.leases(name, "port"):
+            unclaim(lease.value, f"{self.scope} {name} {lease.purpose}")
         self.store.release_leases(name)
         for user in list(self.store.grants(name)):
             self.store.revoke(name, user)
@@ -598,6 +607,8 @@ class Manager:
                 await rt.services.adopt()
             if row.state != "running":
                 self.set_state(name, "running")
+            if self.rt(name).services is not None:
+                self.rt(name).services.sync_agent_state()
             self.emit("agent.reconciled", name, action="adopted")
             return
         # The keeper is gone (or never started): clean up what it left.

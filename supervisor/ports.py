@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,26 @@ def port_free(port: int) -> bool:
     return claimed_by(port) is None and bind_free(port)
 
 
+def claimer(owner: str) -> Callable[[int], bool]:
+    """An `acceptable` test for Store.lease that also claims the port host-wide.
+
+    Claiming inside the lease transaction (O_EXCL) closes the race between two
+    daemons that both see a port free: only one of them creates the claim file.
+    """
+    def accept(port: int) -> bool:
+        if claimed_by(port) is not None or not bind_free(port):
+            return False
+        return claim(port, owner)
+
+    return accept
+
+
 def claim(port: int, owner: str) -> bool:
     """Claim `port` host-wide for `owner` ("scope agent service"); idempotent."""
     Path(CLAIMS_DIR).mkdir(parents=True, exist_ok=True, mode=0o755)
+    if Path(CLAIMS_DIR).is_symlink() or Path(CLAIMS_DIR).stat().st_uid != os.geteuid():
+        log.warning("port claims dir %s is not owned by us: not claiming", CLAIMS_DIR)
+        return False
     path = Path(CLAIMS_DIR, str(port))
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -100,6 +118,12 @@ class Publisher:
             except (OSError, TimeoutError):
                 writer.close()
                 return
+            for w in (writer, uw):
+                sock = w.get_extra_info("socket")
+                if sock is not None:
+                    # a proxy must not add Nagle delays to small request/response traffic
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 await asyncio.gather(_pipe(reader, uw), _pipe(ur, writer))
             finally:
@@ -126,7 +150,7 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
                 break
             writer.write(data)
             await writer.drain()
-    except (OSError, asyncio.CancelledError):
+    except OSError:
         pass
     finally:
         with contextlib.suppress(Exception):
