@@ -882,9 +882,14 @@ def forget_learned(scope: str, agent: str, items: Iterable[tuple[str, int | None
 
 
 def counters(scope: str, agent: str) -> dict[str, int]:
-    """Packets and bytes allowed, denied and sent to the resolver by `agent`."""
-    veth = veth_of(scope, agent)
+    """Packets and bytes allowed, denied and sent to the resolver by `agent`.
+
+    Empty if the agent has no policy in the table.
+    """
+    veth = agents(scope).get(agent)
     out: dict[str, int] = {}
+    if veth is None:
+        return out
     for name, label in (("c_ok", "allowed"), ("c_deny", "denied"), ("c_dns", "dns")):
         for el in _elements(table_name(scope), name):
             if isinstance(el, dict) and el.get("elem", {}).get("val") == veth:
@@ -909,8 +914,10 @@ class Denied:
 
 def recent_denied(scope: str, agent: str) -> list[Denied]:
     """Destinations `agent` was denied in the last DENIED_MEMORY, newest first."""
-    veth = veth_of(scope, agent)
+    veth = agents(scope).get(agent)
     out: list[Denied] = []
+    if veth is None:
+        return out
     for name in _DENIED_SETS:
         for el in _elements(table_name(scope), name):
             expires = 0

@@ -492,6 +492,45 @@ def _checksum(data: bytes) -> int:
     return ~s & 0xFFFF
 
 
+def _spoof(src: str, real: str, dst: str, name: str) -> int:
+    """Send a DNS query for `name` to dst:53 in a hand-made IP packet with source `src`.
+
+    The reply (if any) can only come back to `real`, where a socket waits for
+    it: 0 if an answer arrived, 1 if not.
+    """
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
+        socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw,
+    ):
+        rx.bind((real, 0))
+        rx.settimeout(1)
+        sport = rx.getsockname()[1]
+        qname = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+        dns = struct.pack("!HHHHHH", 0x5151, 0x0100, 1, 0, 0, 0) + qname + b"\0\1\0\1"
+        udp = struct.pack("!HHHH", sport, 53, 8 + len(dns), 0) + dns  # checksum 0: none
+        hdr = struct.pack(
+            "!BBHHHBBH4s4s",
+            0x45,
+            0,
+            20 + len(udp),
+            0,
+            0,
+            64,
+            17,
+            0,
+            socket.inet_aton(src),
+            socket.inet_aton(dst),
+        )  # the kernel fills in the IP checksum (IP_HDRINCL)
+        for _ in range(3):
+            raw.sendto(hdr + udp, (dst, 0))
+            try:
+                rx.recv(512)
+                return 0
+            except TimeoutError:
+                continue
+    return 1
+
+
 def _raw(host: str, proto: int) -> int:
     """Raw-socket probe: an ICMP echo (proto 1) or a bare packet of another protocol."""
     s = socket.socket(socket.AF_INET, socket.SOCK_RAW, proto)
@@ -724,6 +763,8 @@ def main(argv: Sequence[str]) -> int:
         # as root: python tests/integration/networld.py bench [AGENTS_LOADED]
         print(json.dumps(_bench(int(argv[1]) if len(argv) > 1 else 200), indent=2))
         return 0
+    if argv[0] == "spoof":
+        return _spoof(argv[1], argv[2], argv[3], argv[4])
     if argv[0] == "raw":
         return _raw(argv[1], int(argv[2]))
     raise SystemExit(f"unknown command {argv[0]!r}")

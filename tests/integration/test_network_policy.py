@@ -105,6 +105,24 @@ def test_allowed_address_and_port_work_everything_else_fails(e: Env) -> None:
     assert not any(d[0] == w.w2 for d in denied)
 
 
+def test_spoofed_source_addresses_are_dropped(e: Env) -> None:
+    """A hand-made packet from another source never leaves, even to an allowed port."""
+    w, ag = e.world, e.a0
+    assert Path("/proc/sys/net/ipv4/conf/all/rp_filter").read_text().strip() == "0"
+    sh("sysctl", "-qw", f"net.ipv4.conf.{ag.veth}.rp_filter=0")  # only the policy stands
+    e.apply(ag, [f"{w.w1}:53"])
+    tag = secrets.token_hex(4)
+    spoof = [PY, str(networld.HERE), "spoof"]
+    # positive control: the same hand-made packet with the agent's own source
+    assert ag.run(*spoof, ag.addr, ag.addr, w.w1, f"real{tag}.corral.test").returncode == 0
+    assert f"real{tag}.corral.test A" in w.queries()
+    before = nft.counters(e.scope, "agent-0")["denied_packets"]
+    for fake in (e.a1.addr, "198.19.255.77"):
+        ag.run(*spoof, fake, ag.addr, w.w1, f"fake{tag}.corral.test")
+    assert not any(f"fake{tag}" in q for q in w.queries())
+    assert nft.counters(e.scope, "agent-0")["denied_packets"] >= before + 6
+
+
 def test_cidr_entries_and_unlisted_agent_gets_nothing(e: Env) -> None:
     w = e.world
     e.apply(e.a0, [f"{w.net}:8080"])
