@@ -34,7 +34,7 @@ import secrets
 import socket
 import struct
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -67,6 +67,8 @@ MAX_INFLIGHT = 64
 #: At most this many TCP connections per agent, each idle at most this long.
 MAX_TCP = 16
 TCP_IDLE = 10.0
+#: How many refused names are remembered per agent.
+RECENT = 50
 #: Minimum seconds between two events of one kind for one agent.
 EVENT_INTERVAL = 10.0
 
@@ -386,6 +388,8 @@ class _AgentDns:
     #: (ip, port|None) -> (name it was learned for, monotonic expiry)
     learned: dict[tuple[str, int | None], tuple[str, float]] = field(default_factory=dict)
     stats: Counter[str] = field(default_factory=Counter)
+    #: the last refused names (name, qtype, wall-clock time), for `inspect`
+    refused: deque[tuple[str, int, float]] = field(default_factory=lambda: deque(maxlen=RECENT))
 
 
 def _to_entries(allow: Iterable[AllowEntry | str]) -> list[AllowEntry]:
@@ -542,6 +546,12 @@ class Resolver:
         """Queries seen, forwarded, refused, rebinding answers blocked, ... for `agent`."""
         return dict(self.agents[agent].stats)
 
+    def recent_refused(self, agent: str) -> list[dict[str, Any]]:
+        """The names `agent` was recently refused, newest first."""
+        return [
+            {"name": n, "qtype": t, "time": ts} for n, t, ts in reversed(self.agents[agent].refused)
+        ]
+
     # --- events ---
 
     def _event(self, kind: str, agent: str, data: dict[str, Any]) -> None:
@@ -612,6 +622,7 @@ class Resolver:
         decision = decide(q.question, st.allow, st.ipv6, st.allow_all)
         if decision == "refuse":
             st.stats["refused"] += 1
+            st.refused.append((q.question.name[:253], q.question.qtype, time.time()))
             log.info(
                 "[agent=%s] refused %s type %d", st.name, q.question.name[:100], q.question.qtype
             )

@@ -382,6 +382,12 @@ def test_resolver_refuses_without_forwarding() -> None:
         assert up.seen == []
         assert scripts == []
         assert r.stats("web-1")["refused"] == 4
+        assert [x["name"] for x in r.recent_refused("web-1")] == [
+            "ok.test.evil",
+            "svc.test",
+            "deadbeef.tunnel.test",
+            "other.test",
+        ]
         # rate-limited: one event for the burst
         assert [e[0] for e in events] == ["egress.dns_denied"]
         # garbage gets FORMERR, responses get nothing
