@@ -285,8 +285,10 @@ class AgentSession(SSHServerStreamSession[bytes]):
 
     async def _send(self, stdout: asyncssh.SSHWriter[bytes], data: bytes) -> None:
         stdout.write(data)
-        # drain() returns at once unless the channel is above its high-water mark.
-        await asyncio.wait_for(stdout.drain(), timeout=self._limits.drain_timeout)
+        # Only wait when asyncssh has paused us (send buffer above its high-water
+        # mark); a client that does not take the data within drain_timeout is dropped.
+        if self._write_paused:
+            await asyncio.wait_for(stdout.drain(), timeout=self._limits.drain_timeout)
 
     async def _run_shell(self, stdin: asyncssh.SSHReader[bytes], stdout: asyncssh.SSHWriter[bytes],
                          stderr: asyncssh.SSHWriter[bytes]) -> int:

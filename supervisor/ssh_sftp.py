@@ -8,7 +8,9 @@ magic links (/proc/self/root…) are refused (RESOLVE_NO_MAGICLINKS). Operations
 on a last component that must not follow it (lstat, unlink, rmdir, mkdir,
 rename, readlink, symlink) resolve the parent that way and then use the *at()
 call with follow_symlinks=False. Nothing here ever passes a client path to a
-plain path-based syscall.
+plain path-based syscall. (A consequence: an absolute symlink the agent made,
+``/workspace/x``, is read relative to the workspace root, so it does not
+resolve over SFTP; relative links work as inside the sandbox.)
 
 Viewers get read-only access: each write operation checks the connection's
 live role (`Access.can_write`), so a downgrade takes effect on the next request,

@@ -410,3 +410,38 @@ def test_key_spraying_is_cut_off(env: Env) -> None:
             break
         time.sleep(0.1)
     assert any(k == "ssh.login_failed" for k, _, _ in env.mgr.events)
+
+
+def test_downgrade_closes_live_forwards(env: Env) -> None:
+    async def go() -> tuple[bytes, bytes, bool]:
+        async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            while data := await r.read(1024):
+                w.write(data)
+                await w.drain()
+            w.close()
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with await env.connect("bob") as conn:
+                r, w = await conn.open_connection("localhost", port, encoding=None)
+                w.write(b"ping")
+                first = await asyncio.wait_for(r.read(1024), 20)     # positive control
+                env.mgr.set_role(AGENT, "bob", "viewer")
+                after = b""
+                with contextlib.suppress(asyncssh.Error, OSError):
+                    w.write(b"again")
+                    after = await asyncio.wait_for(r.read(1024), 20)  # EOF: channel closed
+                refused = False
+                try:
+                    await conn.open_connection("localhost", port)
+                except asyncssh.ChannelOpenError:
+                    refused = True
+                return first, after, refused
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    first, after, refused = env.run(go())
+    assert first == b"ping"
+    assert after == b""
+    assert refused
