@@ -364,3 +364,127 @@ def test_policy_on_a_sandbox_netns(need_root: None, uniq: str, tmp_path: Path) -
             netns.release(net)
         assert not Path(net.netns_path).exists()
         assert f"corral_{scope}" not in sh("nft", "list", "tables").stdout
+
+
+def test_ipv6_enabled_agent_is_filtered_like_ipv4(
+    need_root: None, uniq: str, tmp_path: Path
+) -> None:
+    """IPv6 on: allowed [addr]:port works, the rest is denied, and off means off.
+
+    IPv6 forwarding has no per-interface switch, so this test does not use the
+    host as the router: a namespace of its own ("r6") routes between the agent
+    and the world, with IPv6 forwarding on, and holds the nft table.
+    """
+    r6, a6, w6 = f"{uniq}-r6", f"{uniq}-a6", f"{uniq}-w6"
+    wv6, gw6 = "2001:2:0:b::1", "2001:2:0:a::1"
+    created: list[str] = []
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def in_r6(code: str) -> None:
+        prog = f"import sys; sys.path.insert(0, {str(networld.REPO)!r})\nfrom sandbox import nft\n"
+        r = sh("ip", "netns", "exec", r6, PY, "-c", prog + code, check=False)
+        assert r.returncode == 0, r.stderr
+
+    try:
+        for ns in (r6, a6, w6):
+            sh("ip", "netns", "add", ns)
+            created.append(ns)
+        sh("ip", "-n", r6, "link", "add", "va", "type", "veth", "peer", "name", "eth0", "netns", a6)
+        sh("ip", "-n", r6, "link", "add", "vw", "type", "veth", "peer", "name", "eth0", "netns", w6)
+        for ns, cmds in (
+            (
+                r6,
+                [
+                    ["addr", "add", "198.19.0.1/30", "dev", "va"],
+                    ["addr", "add", f"{gw6}/64", "dev", "va", "nodad"],
+                    ["addr", "add", "2001:2:0:b::ff/64", "dev", "vw", "nodad"],
+                    ["link", "set", "va", "up"],
+                    ["link", "set", "vw", "up"],
+                    ["link", "set", "lo", "up"],
+                ],
+            ),
+            (
+                a6,
+                [
+                    ["addr", "add", "198.19.0.2/30", "dev", "eth0"],
+                    ["addr", "add", "2001:2:0:a::2/64", "dev", "eth0", "nodad"],
+                    ["link", "set", "eth0", "up"],
+                    ["link", "set", "lo", "up"],
+                    ["route", "add", "default", "via", "198.19.0.1"],
+                    ["-6", "route", "add", "default", "via", gw6],
+                ],
+            ),
+            (
+                w6,
+                [
+                    ["addr", "add", f"{wv6}/64", "dev", "eth0", "nodad"],
+                    ["link", "set", "eth0", "up"],
+                    ["link", "set", "lo", "up"],
+                    ["-6", "route", "add", "2001:2:0:a::/64", "via", "2001:2:0:b::ff"],
+                ],
+            ),
+        ):
+            for c in cmds:
+                sh("ip", "-n", ns, *c)
+        sh("ip", "netns", "exec", r6, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        ready = tmp_path / "w6.ready"
+        procs.append(
+            subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    w6,
+                    PY,
+                    str(networld.HERE),
+                    "listen",
+                    str(ready),
+                    f"[{wv6}]:7",
+                    f"[{wv6}]:9000",
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+        )
+        networld.wait_for(ready.exists, 60, "the IPv6 world's listeners")
+        ag = Agent.adopt(a6, "va", "198.19.0.2", "198.19.0.1", "v6a")
+        # positive control: the router reaches both ports itself
+        for port in (7, 9000):
+            r = sh(
+                "ip",
+                "netns",
+                "exec",
+                r6,
+                PY,
+                "-c",
+                f"import socket; socket.create_connection(({wv6!r}, {port}), timeout=5)",
+                check=False,
+            )
+            assert r.returncode == 0, r.stderr
+
+        in_r6(
+            f"nft.ensure_table({uniq!r}, ['vw'])\n"
+            f"nft.apply_agent({uniq!r}, 'v6a', 'va', '198.19.0.2', '198.19.0.1', "
+            f"nft.parse_allow(['[{wv6}]:7']), ipv6=True)"
+        )
+        assert ag.tcp(wv6, 7)
+        assert not ag.tcp(wv6, 9000)
+        assert ag.run("ping", "-6", "-n", "-c", "1", "-W", "3", wv6).returncode != 0
+        # the same list with IPv6 off: nothing over IPv6 at all
+        in_r6(
+            f"nft.apply_agent({uniq!r}, 'v6a', 'va', '198.19.0.2', '198.19.0.1', "
+            f"nft.parse_allow(['[{wv6}]:7']), ipv6=False)"
+        )
+        assert not ag.tcp(wv6, 7)
+        in_r6(
+            f"d = nft.recent_denied({uniq!r}, 'v6a')\n"
+            f"assert any(x.addr == {wv6!r} and x.port == 7 for x in d), d\n"
+            f"assert any(x.addr == {wv6!r} and x.port == 9000 for x in d), d"
+        )
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, 9)
+            p.wait(timeout=10)
+        for ns in created:
+            sh("ip", "netns", "del", ns, check=False)
+    assert not any(uniq in ln for ln in sh("ip", "netns", "list").stdout.splitlines())
