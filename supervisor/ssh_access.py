@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -208,11 +208,3 @@ class SshContext:
     #: unauthenticated connections right now (the pre-auth cap counts these)
     preauth: int = 0
 
-
-async def aiter_chunks(read: Callable[[], Coroutine[Any, Any, bytes]]) -> AsyncIterator[bytes]:
-    """Yield chunks from an async read() until it returns b''."""
-    while True:
-        data = await read()
-        if not data:
-            return
-        yield data
