@@ -116,7 +116,13 @@ def mirror(child: int, drop: Callable[[], None] | None = None) -> NoReturn:
             break
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        signal.signal(sig, signal.SIG_DFL)
+        # SIGKILL/SIGSTOP take no handler (signal() raises EINVAL) and are
+        # already default: without this guard a SIGKILLed service's mirror
+        # exited 127 instead of dying by SIGKILL too.
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
         try:
             os.kill(os.getpid(), sig)

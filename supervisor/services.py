@@ -550,6 +550,8 @@ def _rotate(path: str, cap: int) -> None:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
         os.truncate(path, 0)
+    except FileNotFoundError:
+        pass
     except OSError as e:
         log.warning("cannot rotate %s: %s", path, e)
 
