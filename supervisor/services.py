@@ -403,9 +403,8 @@ class ServiceSet:
                 return
             if uptime >= BACKOFF_RESET:
                 st.backoff = BACKOFF_START
-            nowt = time.monotonic()
-            st.failures = [t for t in st.failures if nowt - t < GIVE_UP_WINDOW] + [nowt]
-            if len(st.failures) >= GIVE_UP_FAILURES:
+            st.failures, give_up = record_failure(st.failures, time.monotonic())
+            if give_up:
                 st.state = "failed"
                 why = "unhealthy" if forced else f"last status {code}"
                 st.reason = (f"gave up after {len(st.failures)} failures in "
@@ -420,8 +419,7 @@ class ServiceSet:
             if st.svc.health is not None and st.health != "unhealthy":
                 self._set_health(st, "unhealthy")
             self._agent_health()
-            delay = st.backoff
-            st.backoff = min(st.backoff * 2, BACKOFF_CAP)
+            delay, st.backoff = st.backoff, next_backoff(st.backoff)
             self.mgr.emit("service.restarting", self.agent, service=st.svc.name,
                           backoff=delay, restarts=st.restarts + 1, status=code)
             await asyncio.sleep(delay)
@@ -535,6 +533,21 @@ class ServiceSet:
         except (OSError, TimeoutError, CorralError):
             return False
         return False
+
+
+def next_backoff(current: float) -> float:
+    """The delay after `current`: doubled, capped at BACKOFF_CAP."""
+    return min(current * 2, BACKOFF_CAP)
+
+
+def record_failure(failures: list[float], now: float) -> tuple[list[float], bool]:
+    """Add a failure at `now` (monotonic); True when the service should be given up.
+
+    Only failures within the last GIVE_UP_WINDOW seconds count, so a service
+    that fails now and then is restarted forever, one that crash-loops is not.
+    """
+    recent = [t for t in failures if now - t < GIVE_UP_WINDOW] + [now]
+    return recent, len(recent) >= GIVE_UP_FAILURES
 
 
 def _rotate(path: str, cap: int) -> None:

@@ -62,7 +62,7 @@ def events(daemon: Daemon, name: str, kind: str | None = None) -> list[dict[str,
 
 
 def http_get(host: str, port: int, path: str) -> bytes:
-    with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=10) as r:  # noqa: S310
+    with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=10) as r:
         body: bytes = r.read()
     return body
 
@@ -85,7 +85,7 @@ def squat(port: int) -> Iterator[socket.socket]:
     """An unrelated listener on the host holding `port` on every address."""
     s = socket.socket()
     try:
-        s.bind(("0.0.0.0", port))  # noqa: S104 - squatting every address is the point
+        s.bind(("0.0.0.0", port))
         s.listen(4)
         yield s
     finally:
@@ -96,7 +96,7 @@ def first_free(lo: int, hi: int) -> int:
     for p in range(lo, hi + 1):
         with socket.socket() as s:
             try:
-                s.bind(("0.0.0.0", p))  # noqa: S104
+                s.bind(("0.0.0.0", p))
             except OSError:
                 continue
         if not Path("/run/corral-ports", str(p)).exists():
@@ -330,8 +330,9 @@ def test_postgres_per_agent_private_and_persistent(daemon: Daemon, project: Path
     assert len(pw_a) >= 32
     assert pw_a != pw_b
 
-    for port, pw, who in ((pa, pw_a, "alpha"), (pb, pw_b, "beta")):
-        cp = psql(port, pw, f"CREATE TABLE who (name text); INSERT INTO who VALUES ('{who}');")
+    for port, pw, sql in ((pa, pw_a, "INSERT INTO who VALUES ('alpha')"),
+                          (pb, pw_b, "INSERT INTO who VALUES ('beta')")):
+        cp = psql(port, pw, "CREATE TABLE who (name text); " + sql)
         assert cp.returncode == 0, cp.stderr
     # each host port leads to that agent's own database
     assert psql(pa, pw_a, "SELECT name FROM who").stdout.split() == ["alpha"]
