@@ -165,7 +165,7 @@ def listeners(ns: Netns | None, tmp: Path, binds: Sequence[str]) -> Iterator[Non
         p.wait(timeout=10)
 
 
-def host_tcp(host: str, port: int, timeout: float = 3) -> bool:
+def host_tcp(host: str, port: int, timeout: float = 5) -> bool:
     """Connect and echo from the host namespace (the positive control for host-side targets)."""
     try:
         with socket.create_connection((host, port), timeout=timeout) as s:
@@ -175,7 +175,7 @@ def host_tcp(host: str, port: int, timeout: float = 3) -> bool:
         return False
 
 
-def host_udp(host: str, port: int, timeout: float = 3) -> bool:
+def host_udp(host: str, port: int, timeout: float = 5) -> bool:
     """UDP echo from the host namespace."""
     return _udp(host, port, timeout) == 0
 
@@ -255,7 +255,7 @@ class Agent(Netns):
 
     # --- probes run inside the agent (each returns True when it got through) ---
 
-    def tcp(self, host: str, port: int, timeout: float = 3) -> bool:
+    def tcp(self, host: str, port: int, timeout: float = 5) -> bool:
         code = (
             "import socket,sys\n"
             f"s=socket.create_connection(({host!r},{port}),timeout={timeout})\n"
@@ -264,7 +264,7 @@ class Agent(Netns):
         )
         return self.run(PY, "-c", code, timeout=timeout + 30).returncode == 0
 
-    def http(self, url: str, *extra: str, timeout: float = 3) -> str | None:
+    def http(self, url: str, *extra: str, timeout: float = 5) -> str | None:
         r = self.run(
             "curl",
             "-sS",
@@ -278,7 +278,7 @@ class Agent(Netns):
         )
         return r.stdout if r.returncode == 0 else None
 
-    def udp(self, host: str, port: int, timeout: float = 3) -> bool:
+    def udp(self, host: str, port: int, timeout: float = 5) -> bool:
         r = self.run(PY, str(HERE), "udp", host, str(port), str(timeout), timeout=timeout + 30)
         return r.returncode == 0
 
@@ -293,7 +293,7 @@ class Agent(Netns):
         """Resolve via `server`; the answer's addresses, or None on REFUSED/NXDOMAIN/timeout."""
         r = self.run(
             "dig",
-            "+time=2",
+            "+time=3",
             "+tries=2",
             f"@{server}",
             name,

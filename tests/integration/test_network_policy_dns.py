@@ -188,7 +188,7 @@ def test_direct_dns_to_any_other_server_is_dropped(e: Env) -> None:
     assert ag.dig("ok.corral.test", e.a1.gateway) is None  # another agent's resolver
     assert e.queries()[before:] == []
     # positive control: the host asks the same server and gets its answer
-    r = sh("dig", "+time=2", "+tries=2", f"@{w.w1}", "ok.corral.test", "+short")
+    r = sh("dig", "+time=3", "+tries=2", f"@{w.w1}", "ok.corral.test", "+short")
     assert r.stdout.split() == [w.w1]
     assert e.queries()[before:] == ["ok.corral.test A"]
 
@@ -210,7 +210,7 @@ def test_answers_pointing_inside_are_refused(e: Env) -> None:
     for name in ("loop", "ll", "zero", "mc", "gw", "peer"):
         fq = f"{name}.bad.corral.test"
         # positive control: the world's server does hand out that address
-        r = sh("dig", "+time=2", "+tries=2", f"@{e.world.w1}", fq, "+short")
+        r = sh("dig", "+time=3", "+tries=2", f"@{e.world.w1}", fq, "+short")
         assert r.stdout.strip(), fq
         assert ag.dig(fq, ag.gateway) is None, fq
     kinds = {ev[0] for ev in e.events if ev[1] == ag.agent}
@@ -223,7 +223,7 @@ def test_answers_pointing_inside_are_refused(e: Env) -> None:
 
 def test_ttl_is_bounded(e: Env) -> None:
     ag = e.a0
-    r = ag.run("dig", "+time=2", f"@{ag.gateway}", "ttl0.corral.test", "+noall", "+answer")
+    r = ag.run("dig", "+time=3", f"@{ag.gateway}", "ttl0.corral.test", "+noall", "+answer")
     assert r.stdout.split()[1] == "0"  # the agent is told TTL 0 ...
     elems = {el["key"][0]: el for el in learned(e, ag, "l4")}
     assert elems[e.world.w1]["timeout"] >= nft.MIN_LEARNED_TTL  # ... the set keeps it >= 5 s
@@ -278,5 +278,5 @@ def test_a_wildcard_dns_service_of_the_host_never_answers_agents(e: Env) -> None
     finally:
         e.loop.run(e.resolver.add_agent(ag.agent, ag.gateway, []))
     # and the resolver is reachable again once it is back
-    r = ag.run("dig", "+time=2", "+tries=2", f"@{ag.gateway}", "ok.corral.test")
+    r = ag.run("dig", "+time=3", "+tries=2", f"@{ag.gateway}", "ok.corral.test")
     assert "status: REFUSED" in r.stdout
