@@ -1,0 +1,214 @@
+"""Team access over SSH against the real daemon, with the real OpenSSH client."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import Daemon, free_port
+from tests.e2e.test_session import Tmux
+
+pytestmark = pytest.mark.root
+
+
+class Team:
+    def __init__(self, d: Daemon, tmp: Path) -> None:
+        self.d = d
+        self.tmp = tmp
+
+    def key(self, user: str) -> Path:
+        key = self.tmp / f"{user}_key"
+        if not key.exists():
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                           check=True)
+        return key
+
+    def add(self, user: str, agent: str, role: str) -> None:
+        self.d.cli("user", "add", user, "--key", f"{self.key(user)}.pub", check=True)
+        self.d.cli("grant", agent, user, "--role", role, check=True)
+
+    def opts(self, user: str) -> list[str]:
+        return ["-F", "/dev/null", "-o", "StrictHostKeyChecking=no",
+                "-o", f"UserKnownHostsFile={self.tmp}/known_hosts", "-o", "IdentitiesOnly=yes",
+                "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-i", str(self.key(user))]
+
+    def ssh(self, user: str, agent: str, *cmd: str, tty: bool = False,
+            timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(["ssh", "-p", str(self.d.ssh_port), *self.opts(user),
+                               *(["-tt"] if tty else []), f"{agent}@127.0.0.1", *cmd],
+                              capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def ssh_cmdline(self, user: str, agent: str) -> str:
+        return " ".join(["ssh", "-p", str(self.d.ssh_port), *self.opts(user),
+                         f"{agent}@127.0.0.1"])
+
+    def sftp(self, user: str, agent: str, batch: str) -> subprocess.CompletedProcess[bytes]:
+        bf = self.tmp / f"batch-{user}"
+        bf.write_text(batch)
+        return subprocess.run(["sftp", "-P", str(self.d.ssh_port), *self.opts(user), "-b",
+                               str(bf), f"{agent}@127.0.0.1"], capture_output=True, timeout=60,
+                              cwd=self.tmp)
+
+
+@pytest.fixture
+def team(daemon: Daemon, project: Path, tmp_path: Path) -> Team:
+    daemon.create("web", "--template", "default", "--project", str(project))
+    daemon.wait_state("web", ("running",))
+    return Team(daemon, tmp_path)
+
+
+@pytest.fixture
+def tmux(uniq: str) -> Iterator[Tmux]:
+    t = Tmux(f"corral-ssh-{uniq}")
+    try:
+        yield t
+    finally:
+        t.kill()
+
+
+def test_exec_with_and_without_tty(team: Team) -> None:
+    team.add("alice", "web", "collaborator")
+    r = team.ssh("alice", "web", "echo out; echo err >&2; hostname; exit 3")
+    assert r.returncode == 3
+    assert r.stdout == b"out\nweb\n"
+    assert r.stderr == b"err\n"
+    r = team.ssh("alice", "web", "test -t 0 && echo ISTTY", tty=True)
+    assert b"ISTTY" in r.stdout
+    # without -t there is no terminal
+    r = team.ssh("alice", "web", "test -t 0 || echo NOTTY")
+    assert b"NOTTY" in r.stdout
+
+
+def test_unregistered_and_ungranted_keys_refused(team: Team) -> None:
+    team.key("mallory")
+    r = team.ssh("mallory", "web", "true")
+    assert r.returncode == 255
+    # registered, but granted nothing on this agent
+    team.d.cli("user", "add", "bob", "--key", f"{team.key('bob')}.pub", check=True)
+    r = team.ssh("bob", "web", "true")
+    assert r.returncode == 255
+    # positive control
+    team.d.cli("grant", "web", "bob", "--role", "collaborator", check=True)
+    assert team.ssh("bob", "web", "true").returncode == 0
+    events = team.d.json("events", "--agent", "web")
+    assert any(e["kind"] == "ssh.login_failed" for e in events)
+    assert any(e["kind"] == "ssh.login" for e in events)
+
+
+def test_viewer_cannot_exec_but_collaborator_can(team: Team) -> None:
+    team.add("val", "web", "viewer")
+    team.add("cole", "web", "collaborator")
+    assert team.ssh("val", "web", "touch /workspace/v").returncode != 0
+    assert team.ssh("cole", "web", "touch /workspace/c").returncode == 0
+    names = team.d.json("diff", "web")
+    paths = {c["path"] for c in names}
+    assert "c" in paths
+    assert "v" not in paths
+
+
+def test_sftp_read_write_and_viewer_read_only(team: Team, tmp_path: Path) -> None:
+    team.add("alice", "web", "collaborator")
+    team.add("val", "web", "viewer")
+    (tmp_path / "up.txt").write_text("uploaded\n")
+    r = team.sftp("alice", "web", "put up.txt up.txt\nget README.md readme.txt\n")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "readme.txt").read_text() == "hello from the project\n"
+    out = team.d.cli("exec", "web", "--", "cat", "/workspace/up.txt", check=True).stdout
+    assert out == "uploaded\n"
+    r = team.sftp("val", "web", "put up.txt viewer.txt\n")
+    assert r.returncode != 0
+    assert team.d.cli("exec", "web", "--", "test", "-e", "/workspace/viewer.txt").returncode == 1
+    # a symlink the agent planted does not lead sftp out of the workspace
+    team.d.cli("exec", "web", "--", "ln", "-s", "/etc", "/workspace/etc-link", check=True)
+    r = team.sftp("alice", "web", "get etc-link/passwd stolen\n")
+    assert not (tmp_path / "stolen").exists() or "root:" not in (tmp_path / "stolen").read_text()
+
+
+def test_shared_session_viewer_and_revoke(team: Team, tmux: Tmux, uniq: str) -> None:
+    team.add("alice", "web", "collaborator")
+    team.add("val", "web", "viewer")
+    tmux.new("a", team.ssh_cmdline("alice", "web"))
+    tmux.new("v", team.ssh_cmdline("val", "web"))
+    time.sleep(2)
+    tmux.keys("v", f"touch /tmp/viewer-{uniq}", "Enter")
+    tmux.keys("a", f"echo HELLO-{uniq}-$((6*7))", "Enter")
+    tmux.wait_for("a", f"HELLO-{uniq}-42")
+    tmux.wait_for("v", f"HELLO-{uniq}-42")
+    assert team.d.cli("exec", "web", "--", "test", "-e", f"/tmp/viewer-{uniq}").returncode == 1
+    # a late joiner sees the current screen
+    tmux.new("late", team.ssh_cmdline("alice", "web"))
+    tmux.wait_for("late", f"HELLO-{uniq}-42")
+    # revoking ends the live connection
+    team.d.cli("revoke", "web", "alice", check=True)
+    deadline = time.monotonic() + 10
+    while tmux.alive("a") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not tmux.alive("a")
+    assert tmux.alive("v")
+    recs = list(Path(team.d.state_dir, "recordings").rglob("*.cast"))
+    assert recs
+    assert recs[0].read_text().startswith('{"version": 2')
+
+
+def test_local_forward_reaches_inside_netns(team: Team) -> None:
+    team.add("alice", "web", "collaborator")
+    team.add("val", "web", "viewer")
+    # a server inside the sandbox, on its loopback only
+    team.d.cli("exec", "web", "--", "sh", "-c",
+               "nohup python3 -m http.server 8000 --bind 127.0.0.1 >/tmp/http.log 2>&1 &",
+               check=True)
+    lport = free_port()
+    proc = subprocess.Popen(["ssh", "-p", str(team.d.ssh_port), *team.opts("alice"), "-N",
+                             "-L", f"{lport}:localhost:8000", "web@127.0.0.1"])
+    try:
+        body = b""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", lport), timeout=5) as s:
+                    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                    body = s.recv(100)
+                if body.startswith(b"HTTP/"):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.3)
+        assert body.startswith(b"HTTP/1.0 200")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    # a viewer may not forward
+    vport = free_port()
+    vp = subprocess.Popen(["ssh", "-p", str(team.d.ssh_port), *team.opts("val"), "-N",
+                           "-L", f"{vport}:localhost:8000", "web@127.0.0.1"])
+    try:
+        time.sleep(2)
+        got = b""
+        try:
+            with socket.create_connection(("127.0.0.1", vport), timeout=5) as s:
+                s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                got = s.recv(100)
+        except OSError:
+            pass
+        assert not got.startswith(b"HTTP/")
+    finally:
+        vp.terminate()
+        vp.wait(10)
+
+
+def test_same_host_key_after_daemon_restart(team: Team) -> None:
+    team.add("alice", "web", "collaborator")
+    assert team.ssh("alice", "web", "true").returncode == 0
+    team.d.stop()
+    team.d.start()
+    team.d.wait_state("web", ("running",))
+    # StrictHostKeyChecking against the recorded known_hosts: a new key would fail
+    r = subprocess.run(["ssh", "-p", str(team.d.ssh_port), *team.opts("alice"),
+                        "-o", "StrictHostKeyChecking=yes", "web@127.0.0.1", "true"],
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
