@@ -25,6 +25,7 @@ import pty
 import shutil
 import signal
 import socket
+import stat
 import struct
 import sys
 import termios
@@ -766,7 +767,7 @@ class Manager:
             extra["TERM"] = tty[0]
         full_env = process.workload_env(spec, extra)
         if tty:
-            master, slave = pty.openpty()
+            master, slave = _sandbox_pty(row.init_pid, spec.uid)
             fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", tty[2], tty[1], 0, 0))
             try:
                 pid = process.enter(spec, row.init_pid, argv, env=full_env,
@@ -998,6 +999,40 @@ def _tail(path: str, n: int = 400) -> str:
     except OSError:
         return ""
     return data.decode(errors="replace").strip().splitlines()[-1] if data.strip() else ""
+
+
+TIOCGPTPEER = 0x5441  # linux/asm-generic/ioctls.h (not in the termios module)
+TIOCSPTLCK = 0x40045431
+
+
+def _sandbox_pty(init_pid: int, uid: int) -> tuple[int, int]:
+    """A PTY pair from the sandbox's own devpts, so `tty` inside names it.
+
+    The agent controls its /dev, so the path is resolved with RESOLVE_IN_ROOT
+    (no symlink can lead out of the sandbox's root) and the result must be the
+    ptmx character device (5:2); the slave is opened from the master with
+    TIOCGPTPEER, never by a path the agent could swap. Falls back to a host PTY.
+    """
+    try:
+        root = os.open(f"/proc/{init_pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            master = kernel.openat2(root, "dev/pts/ptmx", os.O_RDWR | os.O_NOCTTY,
+                                    kernel.RESOLVE_IN_ROOT | kernel.RESOLVE_NO_MAGICLINKS)
+        finally:
+            os.close(root)
+        st = os.fstat(master)
+        if not (stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(5, 2)):
+            os.close(master)
+            raise OSError("dev/pts/ptmx is not the ptmx device")
+        fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
+        slave = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):
+            os.fchown(slave, uid, -1)
+        return master, int(slave)
+    except (OSError, CorralError) as e:
+        log.debug("sandbox pty unavailable (%s): using a host pty", e)
+        master, slave = pty.openpty()
+        return master, slave
 
 
 def _socket_in_netns(netns_path: str) -> socket.socket:

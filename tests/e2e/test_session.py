@@ -131,9 +131,11 @@ def test_exec_tty(daemon: Daemon, project: Path, tmux: Tmux, uniq: str) -> None:
     daemon.create("s4", "--template", "default", "--project", str(project))
     daemon.wait_state("s4", ("running",))
     tmux.new("x", f"{CORRAL} --socket {daemon.socket} exec s4 --tty -- sh -c "
-                  f"'test -t 0 && echo tty-yes-{uniq}; stty size'; sleep 30")
+                  f"'test -t 0 && echo tty-yes-{uniq}; stty size; tty'; sleep 30")
     screen = tmux.wait_for("x", f"tty-yes-{uniq}")
     assert "30 100" in screen or "29 100" in screen
+    # the terminal comes from the sandbox's own devpts, so it has a name inside
+    tmux.wait_for("x", "/dev/pts/")
 
 
 def test_session_exit_marks_agent_stopped(daemon: Daemon, project: Path, tmux: Tmux) -> None:
