@@ -16,13 +16,16 @@ sandbox runs ({"init_pid", "init_start"}) or an error line and exits 1.
 
 from __future__ import annotations
 
-import argparse
+# Only what the serving loop needs is imported at module level: the keeper
+# re-executes itself into that loop once the sandbox runs (see serve_main), and
+# every module imported here is resident in each of N keepers. argparse, pty,
+# pathlib and the sandbox package are imported where they are used, in the
+# short-lived start phase only.
 import contextlib
 import errno
 import fcntl
 import json
 import os
-import pty
 import selectors
 import signal
 import socket
@@ -31,7 +34,6 @@ import sys
 import termios
 import time
 from collections import deque
-from pathlib import Path
 
 from supervisor import keeper_proto as kp
 
@@ -78,7 +80,7 @@ class SessionLog:
     def write(self, data: bytes) -> None:
         if self._size + len(data) > self.cap:
             os.close(self._fd)
-            Path(self.path).replace(self.path + ".1")
+            os.replace(self.path, self.path + ".1")  # noqa: PTH105 - no pathlib resident
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
                                0o600)
             self._size = 0
@@ -179,8 +181,13 @@ class Keeper:
             sock, _ = self.listener.accept()
         except BlockingIOError:
             return
+        self.adopt_client(sock)
+
+    def adopt_client(self, sock: socket.socket, subscribed: bool = False) -> None:
+        """Serve a connected client (also one the start phase already greeted)."""
         sock.setblocking(False)
         client = Client(sock)
+        client.subscribed = subscribed
         self.clients[sock.fileno()] = client
         self.sel.register(sock, selectors.EVENT_READ, client)
 
@@ -297,16 +304,16 @@ class Keeper:
 
 def write_json_atomic(path: str, data: object) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with Path(tmp).open("w") as f:
+    with open(tmp, "w") as f:
         json.dump(data, f)
         f.flush()
         os.fsync(f.fileno())
-    Path(tmp).replace(path)
+    os.replace(tmp, path)  # noqa: PTH105 - no pathlib in the resident keeper
 
 
 def _listen(path: str) -> socket.socket:
     with contextlib.suppress(FileNotFoundError):
-        Path(path).unlink()
+        os.unlink(path)  # noqa: PTH108 - no pathlib in the resident keeper
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old = os.umask(0o177)
     try:
@@ -318,6 +325,10 @@ def _listen(path: str) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import pty
+    from pathlib import Path
+
     ap = argparse.ArgumentParser(prog="corral-keeper")
     ap.add_argument("--spec", required=True)
     ap.add_argument("--socket", required=True)
@@ -356,9 +367,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"error": str(e), "hint": e.hint}), flush=True)
         return 1
     os.close(slave)
-    log = SessionLog(args.log)
-    keeper = Keeper(master, started.init_pid, started.start_time, log, listener, args.status)
-    keeper.size = (args.cols, args.rows)
     print(json.dumps({"init_pid": started.init_pid, "init_start": started.start_time,
                       "keeper_pid": os.getpid()}), flush=True)
     # Our stdout is a pipe to the daemon that may go away: detach from it.
@@ -366,7 +374,139 @@ def main(argv: list[str] | None = None) -> int:
     for fd in (0, 1):
         os.dup2(devnull, fd)
     os.close(devnull)
+    state = ServeState(master, listener.fileno(), started.init_pid, started.start_time,
+                       args.log, args.status, args.cols, args.rows)
+    state.greeted = _greet_first_client(listener, state)
+    _reexec(state)
+    # Only reached if the exec failed: serve from this (bigger) process.
+    return serve(listener, state)
+
+
+class ServeState:
+    """What the serving loop needs, handed across the re-exec as a JSON list.
+
+    A plain class: `typing` (NamedTuple) or `dataclasses` would cost the
+    resident keeper an import each.
+    """
+
+    FIELDS = ("master", "listener", "init_pid", "init_start", "log", "status", "cols", "rows",
+              "greeted")
+
+    def __init__(self, master: int, listener: int, init_pid: int, init_start: float, log: str,
+                 status: str, cols: int, rows: int,
+                 greeted: list[list[int]] | None = None) -> None:
+        self.master, self.listener = int(master), int(listener)
+        self.init_pid, self.init_start = int(init_pid), float(init_start)
+        self.log, self.status = str(log), str(status)
+        self.cols, self.rows = int(cols), int(rows)
+        #: Connected clients the start phase already subscribed (see _greet_first_client).
+        self.greeted = [[int(fd), int(sub)] for fd, sub in greeted or ()]
+
+    def to_json(self) -> str:
+        return json.dumps([getattr(self, f) for f in self.FIELDS])
+
+
+#: How long the start phase waits for the daemon's first connection.
+GREET_WAIT = 0.5
+
+
+def _greet_first_client(listener: socket.socket, st: ServeState) -> list[list[int]]:
+    """Answer the daemon's first HELLO and STATUS before the re-exec.
+
+    The daemon connects as soon as it reads our ready line and counts the agent
+    as started once STATE comes back; answering here keeps the re-exec off that
+    path. Only those two frames are handled, and only when they are next on the
+    socket (MSG_PEEK), so nothing else a client sends is consumed: the serving
+    loop reads it. BACKLOG is empty — the PTY is not read before the re-exec,
+    its output waits in the kernel and reaches the subscriber as OUTPUT.
+    Returns [fd, subscribed] of the accepted client (none if nobody connected
+    in time: the serving loop then answers from the listen backlog as usual).
+    """
+    sel = selectors.DefaultSelector()
+    try:
+        sel.register(listener, selectors.EVENT_READ)
+        if not sel.select(GREET_WAIT):
+            return []
+    finally:
+        sel.close()
+    try:
+        sock, _ = listener.accept()
+    except OSError:
+        return []
+    seen: set[bytes] = set()
+    try:
+        sock.settimeout(GREET_WAIT)
+        while seen != {kp.HELLO, kp.STATUS}:
+            head = sock.recv(kp.HEADER.size, socket.MSG_PEEK)
+            if len(head) < kp.HEADER.size:
+                break  # a partial header: let the serving loop have it
+            kind, length = kp.HEADER.unpack(head)
+            if kind not in (kp.HELLO, kp.STATUS) or length or kind in seen:
+                break
+            sock.recv(kp.HEADER.size)
+            seen.add(kind)
+            if kind == kp.HELLO:
+                sock.sendall(kp.frame(kp.BACKLOG, b""))
+            else:
+                state = {"keeper_pid": os.getpid(), "init_pid": st.init_pid,
+                         "init_start": st.init_start, "cols": st.cols, "rows": st.rows,
+                         "exit_status": None, "clients": 1}
+                sock.sendall(kp.frame(kp.STATE, json.dumps(state).encode()))
+    except OSError:
+        pass
+    # Handed over either way (a client the loop reads from as usual), subscribed if it said HELLO.
+    return [[sock.detach(), int(kp.HELLO in seen)]]
+
+
+def _reexec(state: ServeState) -> None:
+    """Replace this process by a lean interpreter that only serves (same PID).
+
+    Everything the start phase imported (the sandbox package, ctypes, prctl,
+    cgroupspy, dataclasses, typing, logging, argparse, ...) would otherwise stay
+    resident for the agent's whole life, in every keeper. exec() keeps the PID,
+    so the sandbox's init stays our child (waitpid, pidfd) and the daemon's
+    recorded keeper identity (pid, start time, cgroup) stays true; the PTY
+    master and the listening socket are inherited by number, and a client that
+    connects meanwhile waits in the listen backlog. `-S` skips site (and the
+    editable-install finder); PYTHONPATH, set by the daemon, finds this package.
+    """
+    fds = (state.master, state.listener, *(fd for fd, _ in state.greeted))
+    try:
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        # -S drops site-packages and .pth files (an editable install's finder
+        # among them): name this package's root on PYTHONPATH explicitly.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # noqa: PTH100, PTH120
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        os.execve(sys.executable, [sys.executable, "-S", "-c",  # noqa: S606 - fixed argv
+                                   "import sys; from supervisor.keeper import serve_main; "
+                                   "sys.exit(serve_main(sys.argv[1]))", state.to_json()], env)
+    except OSError as e:
+        print(f"corral-keeper: re-exec failed ({e}); serving from the start process",
+              file=sys.stderr, flush=True)
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.set_inheritable(fd, False)
+
+
+def serve(listener: socket.socket, st: ServeState) -> int:
+    keeper = Keeper(st.master, st.init_pid, st.init_start, SessionLog(st.log), listener,
+                    st.status)
+    keeper.size = (st.cols, st.rows)
+    for fd, subscribed in st.greeted:
+        keeper.adopt_client(socket.socket(fileno=fd), bool(subscribed))
     return keeper.run()
+
+
+def serve_main(state_json: str) -> int:
+    """Entry point of the re-executed keeper: serve the inherited PTY and socket."""
+    st = ServeState(*json.loads(state_json))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    for fd in (st.master, st.listener, *(fd for fd, _ in st.greeted)):
+        os.set_inheritable(fd, False)
+    return serve(socket.socket(fileno=st.listener), st)
 
 
 if __name__ == "__main__":
