@@ -34,7 +34,6 @@ import http.client
 import json
 import os
 import platform
-import random
 import secrets
 import shutil
 import signal
@@ -123,10 +122,10 @@ class BenchDaemon:
         tdir = base / "templates"
         tdir.mkdir()
         # /23: 128 agent /30s, room for 100 agents plus the create runs.
-        third = random.randrange(0, 256, 2)
+        third = 2 * secrets.randbelow(128)
         self.subnet = f"198.19.{third}.0/23"
-        plo = random.randrange(30000, 39000, 100)
-        ulo = random.randrange(300000, 900000, 1000)
+        plo = 30000 + 100 * secrets.randbelow(90)
+        ulo = 300000 + 1000 * secrets.randbelow(600)
         self.config = base / "corral.yaml"
         ssh_port = free_port()
         self.config.write_text(
@@ -355,7 +354,7 @@ def render(args: argparse.Namespace, create: dict[str, list[float]], memres: dic
         f"Creating the {args.agents} agents one after another took {setup_s:.1f} s.",
         "USS is memory only that process has; PSS shares the interpreter's pages "
         "fairly between all processes that map them (what N keepers really cost is "
-        "about N × PSS).",
+        "about N x PSS).",
         "",
         "| process | RSS MB | USS MB | PSS MB |",
         "|---|---|---|---|",
