@@ -675,8 +675,14 @@ class Resolver:
             if r.rtype not in (T_A, T_AAAA) or (r.rtype == T_AAAA and not st.ipv6):
                 continue
             ip = str(record_ip(r))
-            ttl = nft.clamp_ttl(r.ttl) + LEARNED_GRACE
+            needed = nft.clamp_ttl(r.ttl)
+            ttl = needed + LEARNED_GRACE
             for key in learned_for(name, ip, st.allow, st.allow_all):
+                known = st.learned.get(key)
+                if known is not None and known[1] >= now + needed:
+                    # still open for longer than the agent will cache this answer:
+                    # no nft call (a burst of lookups costs one, not one each)
+                    continue
                 items.append((key[0], key[1], ttl))
                 st.learned[key] = (name, now + ttl)
         if not items:

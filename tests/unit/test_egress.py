@@ -355,11 +355,14 @@ def test_resolver_answers_allowed_names_and_learns_them() -> None:
         assert [(a.name, a.rdata, a.ttl) for a in m.answers] == [("ok.test", A1, 300)]
         assert scripts == [nft.plan_learned("s", "cvweb1", [("198.18.0.1", 443, 310)])]
         assert up.seen == [("udp", "ok.test", T_A)]  # lowercased, fresh query
+        # asked again at once: the element is open long enough, no second nft call
+        await ask("127.0.0.2", port, "ok.test")
+        assert len(scripts) == 1
         m = await ask("127.0.0.2", port, "x.svc.test", tcp=True)
         assert m is not None
         assert [a.rtype for a in m.answers] == [T_CNAME, T_A]
         assert "198.18.0.2 timeout 40s" in scripts[-1]
-        assert r.stats("web-1")["forwarded"] == 2
+        assert r.stats("web-1")["forwarded"] == 3
         m = await ask("127.0.0.2", port, "missing.svc.test")  # NXDOMAIN passes through
         assert m is not None
         assert m.rcode == 3
