@@ -227,7 +227,7 @@ def main() -> int:
         rows.append((f"for comparison: git status in the worktree ({args.files} files, "
                      "10 edits, warm)", ms(t_st)))
         say(rows[-1])
-        git(big, "worktree", "remove", "--force", str(wt))
+        # No `git worktree remove`: the whole temp dir (repo included) goes below.
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
