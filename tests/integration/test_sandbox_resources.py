@@ -9,16 +9,37 @@ from pathlib import Path
 import pytest
 
 from sandbox.spec import Limits
-from tests.integration.sandbox_kit import box, make_spec
+from tests.integration.sandbox_kit import Box, box, make_spec
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("need_root")]
+
+
+def _states(b: Box) -> list[str]:
+    out = []
+    for pid in b.cg.procs(b.spec.cgroup):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read().rsplit(")", 1)[1].split()[0]
+            with open(f"/proc/{pid}/wchan") as f:
+                out.append(f"{pid}:{stat}:{f.read()}")
+        except OSError:
+            pass
+    return out
 
 
 def test_fork_bomb_stops_at_pids_max(tmp_path: Path, uniq: str) -> None:
     spec = make_spec(tmp_path, uniq, limits=Limits(pids=48, memory_bytes=256 << 20))
     with box(spec) as b:
-        b.start("/bin/sh", "-c", "f() { f | f & }; f; sleep 1000")
-        deadline = time.monotonic() + 60
+        # Every process keeps forking and survives its failed forks (a shell's
+        # bomb dies at the first failed fork, which would end the test early).
+        b.start("/usr/bin/python3", "-c",
+                "import os, time\n"
+                "while True:\n"
+                "    try:\n"
+                "        os.fork()\n"
+                "    except OSError:\n"
+                "        time.sleep(0.05)\n")
+        deadline = time.monotonic() + 120
         peak = 0
         while time.monotonic() < deadline:
             u = b.cg.usage(spec.cgroup)
@@ -26,7 +47,7 @@ def test_fork_bomb_stops_at_pids_max(tmp_path: Path, uniq: str) -> None:
             if peak >= 48:
                 break
             time.sleep(0.05)
-        assert peak == 48, f"the bomb should saturate pids.max, got {peak}"
+        assert peak == 48, f"the bomb should saturate pids.max, got {peak}: {_states(b)}"
         for _ in range(20):
             u = b.cg.usage(spec.cgroup)
             assert u.pids <= 48
