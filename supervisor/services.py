@@ -148,13 +148,18 @@ class ServiceSet:
                 await self._launch(st)
             self._watch(st)
 
+    def _task(self, coro: Any, name: str) -> None:
+        """A background task owned by this set (cancelled by stop/detach)."""
+        self.tasks = [t for t in self.tasks if not t.done()]
+        self.tasks.append(self.mgr.spawn(coro, name))
+
     def _watch(self, st: SvcState) -> None:
         label = f"{self.agent}-{st.svc.name}"
-        self.tasks.append(self.mgr.spawn(self._supervise(st), f"svc-{label}"))
-        self.tasks.append(self.mgr.spawn(self._health_loop(st), f"health-{label}"))
+        self._task(self._supervise(st), f"svc-{label}")
+        self._task(self._health_loop(st), f"health-{label}")
 
     def _watch_logs(self) -> None:
-        self.tasks.append(self.mgr.spawn(self._log_loop(), f"svc-logs-{self.agent}"))
+        self._task(self._log_loop(), f"svc-logs-{self.agent}")
 
     async def stop(self) -> None:
         """Reverse start order: SIGTERM, then SIGKILL after a timeout."""
@@ -470,8 +475,7 @@ class ServiceSet:
                 st.unhealthy_kill = True
                 log.info("[agent=%s svc=%s] unhealthy after %d checks: restarting", self.agent,
                          st.svc.name, st.consecutive_fail)
-                self.tasks.append(self.mgr.spawn(self._kill_unhealthy(st, gen),
-                                                 f"svc-kill-{self.agent}-{st.svc.name}"))
+                self._task(self._kill_unhealthy(st, gen), f"svc-kill-{self.agent}-{st.svc.name}")
 
     async def _kill_unhealthy(self, st: SvcState, gen: int) -> None:
         if st.child is not None:
