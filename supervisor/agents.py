@@ -613,6 +613,16 @@ class Manager:
             self.emit("agent.reconciled", name, action="adopted")
             return
         # The keeper is gone (or never started): clean up what it left.
+        if row.state == "starting" and row.desired == "running":
+            # Killed in the middle of a start: start again from a clean slate.
+            await self._release_runtime(name)
+            try:
+                await self._start_locked(name)
+            except CorralError as e:
+                self.set_state(name, "failed", str(e))
+                await self._release_runtime(name)
+            self.emit("agent.reconciled", name, action="started")
+            return
         was_running = row.state in ("running", "degraded", "starting", "stopping")
         status = self._read_exit(name)
         await self._release_runtime(name)
