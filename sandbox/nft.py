@@ -41,8 +41,11 @@ current generation are accepted without a set lookup, so a long connection
 survives the expiry of the DNS-learned entry that let it start; after a reload
 the mark no longer matches and every packet of an old flow is judged again by
 the new allow-list, so removing a destination cuts its live connections too.
-(corral owns the conntrack mark of flows coming out of its veths; a host that
-uses ct marks for its own policy routing on those flows would conflict.)
+The mark's top bit (FLOW_MARK) says "a corral table accepted this flow": the
+uplink guard (below) lets replies of such flows through, so two daemons
+guarding the same uplink never cut off each other's agents. (corral owns the
+conntrack mark of flows coming out of its veths; a host that uses ct marks for
+its own policy routing on those flows would conflict.)
 
 Forwarding, and why not the global switch: IPv4 forwarding is decided per
 *input* interface (``IN_DEV_FORWARD(in_dev)`` in ip_route_input_slow), so we
@@ -95,6 +98,9 @@ DOMAIN_RE = re.compile(
 MIN_LEARNED_TTL = 5
 #: ... and at most this long, whatever the record says.
 MAX_LEARNED_TTL = 3600
+#: Set in the conntrack mark of every flow a corral table accepted (the low 31
+#: bits are the agent's generation).
+FLOW_MARK = 0x80000000
 #: How long a denied destination is remembered for recent_denied().
 DENIED_MEMORY = "10m"
 #: At most this many remembered denied destinations per set (shared by the
@@ -349,8 +355,10 @@ _CHAINS: list[tuple[str, str | None, list[str]]] = [
             # a port the host published by DNAT is an intended way in
             "oifname @agent_ifs ct status dnat accept",
             "oifname @agent_ifs drop",
-            # a guarded uplink forwards to agents only (see module docstring)
-            "iifname @guarded drop",
+            # a guarded uplink forwards to agents only (see module docstring); replies
+            # to flows any corral table accepted carry FLOW_MARK, so another daemon's
+            # agents behind the same uplink are not cut off by this table's guard
+            f"iifname @guarded ct mark and 0x{FLOW_MARK:08x} == 0 drop",
         ],
     ),
     (
@@ -489,8 +497,9 @@ def plan_agent(
     gw = _ip(gateway_ip, "gateway address")
     if ip4.version != 4 or gw.version != 4:
         raise CorralError(f"agent {agent}: agent and gateway addresses must be IPv4")
-    if not 1 <= generation <= 0xFFFFFFFF:
+    if not 1 <= generation < FLOW_MARK:
         raise CorralError(f"generation {generation} out of range")
+    mark = f"0x{FLOW_MARK | generation:08x}"
     state = state or TableState()
     lines: list[str] = []
     # the agent on another veth before, or another agent on this veth: all of it goes
@@ -513,8 +522,8 @@ def plan_agent(
         f"add element {t} agent_addrs {{ {ip4} }}",
         f"add element {t} srcs {{ {q} . {ip4} }}",
         f"add element {t} gws {{ {q} . {gw} }}",
-        f"add element {t} gen_map {{ {q} : 0x{generation:08x} }}",
-        f"add element {t} gens {{ 0x{generation:08x} . {q} }}",
+        f"add element {t} gen_map {{ {q} : {mark} }}",
+        f"add element {t} gens {{ {mark} . {q} }}",
         f"add element {t} c_ok {{ {q} }}",
         f"add element {t} c_deny {{ {q} }}",
         f"add element {t} c_dns {{ {q} }}",
@@ -779,7 +788,7 @@ def apply_agent(
     if veth == "lo" or not (Path("/sys/class/net") / veth).exists():
         raise CorralError(f"agent {agent}: {veth!r} is not an existing agent veth")
     state = read_state(scope)
-    gen = secrets.randbelow(0xFFFFFFFE) + 1
+    gen = secrets.randbelow(FLOW_MARK - 1) + 1
     run_script(
         plan_agent(
             scope,

@@ -270,6 +270,17 @@ def test_forwarding_is_scoped_and_teardown_leaves_nothing(
             assert Path(f"/proc/sys/net/ipv4/conf/{ag.veth}/forwarding").read_text() == "1\n"
             assert nft.agents(scope) == {"agent-x": ag.veth}
 
+            # a second daemon (scope) guarding the same uplink does not cut this
+            # one's agents off; dropping it leaves the uplink forwarding for us
+            try:
+                nft.ensure_table(f"{scope}b", uplinks=[w.veth])
+                assert w.veth in nft._elements(f"corral_{scope}b", "guarded")
+                assert ag.tcp(w.w1, 7)
+            finally:
+                nft.drop_table(f"{scope}b")
+            assert up.read_text().strip() == "1"
+            assert ag.tcp(w.w1, 7)
+
             nft.remove_agent(scope, "agent-x")
             nft.remove_agent(scope, "agent-x")  # idempotent
             assert Path(f"/proc/sys/net/ipv4/conf/{ag.veth}/forwarding").read_text() == "0\n"

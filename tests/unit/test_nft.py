@@ -176,8 +176,8 @@ def test_new_agent_is_only_elements() -> None:
     assert f'{t} agent_ifs {{ "cv123" comment "web-1" }}' in lines
     assert f'{t} srcs {{ "cv123" . 198.19.0.2 }}' in lines
     assert f'{t} gws {{ "cv123" . 198.19.0.1 }}' in lines
-    assert f'{t} gen_map {{ "cv123" : 0x00001234 }}' in lines
-    assert f'{t} gens {{ 0x00001234 . "cv123" }}' in lines
+    assert f'{t} gen_map {{ "cv123" : 0x80001234 }}' in lines
+    assert f'{t} gens {{ 0x80001234 . "cv123" }}' in lines
     assert f'{t} s4p {{ "cv123" . 198.18.0.10/32 . 5432 }}' in lines
     assert f'{t} s4 {{ "cv123" . 198.18.1.0/24 }}' in lines
     assert "v6_ifs" not in text
@@ -228,7 +228,7 @@ def test_reload_replaces_policy_but_keeps_learned() -> None:
         assert f"delete element {t} {gone}" in lines
     # deletions come before the additions, in one transaction
     assert lines.index(f'delete element {t} gen_map {{ "cv1" }}') < lines.index(
-        f'add element {t} gen_map {{ "cv1" : 0x00000009 }}'
+        f'add element {t} gen_map {{ "cv1" : 0x80000009 }}'
     )
     assert "l4p" not in text  # learned destinations stay (the resolver prunes them)
     assert "dn4" not in text
