@@ -578,6 +578,8 @@ class Resolver:
                 out = await self.answer(st, data, limit=UDP_LIMIT)
                 if out is not None and st.udp is not None and not st.udp.is_closing():
                     st.udp.sendto(out, addr)
+            except Exception:
+                log.exception("[agent=%s] answering a query failed", st.name)
             finally:
                 st.inflight -= 1
 
@@ -623,7 +625,9 @@ class Resolver:
         if decision == "refuse":
             st.stats["refused"] += 1
             st.refused.append((q.question.name[:253], q.question.qtype, time.time()))
-            log.info(
+            # debug only: an agent can send these as fast as it likes (the
+            # event below is the rate-limited report)
+            log.debug(
                 "[agent=%s] refused %s type %d", st.name, q.question.name[:100], q.question.qtype
             )
             self._event(
@@ -640,7 +644,10 @@ class Resolver:
             resp = await self.ask_upstream(q.question.name, q.question.qtype)
         except (OSError, TimeoutError, DnsError) as e:
             st.stats["upstream_failed"] += 1
-            log.warning("[agent=%s] upstream failed for %s: %s", st.name, q.question.name, e)
+            if self._limiter.check(("log", "upstream"))[0]:
+                log.warning(
+                    "upstream DNS failed (for %s of agent %s): %s", q.question.name, st.name, e
+                )
             return build_response(q, SERVFAIL)
         if resp.rcode not in (NOERROR, NXDOMAIN):
             return build_response(q, SERVFAIL)
@@ -664,7 +671,13 @@ class Resolver:
                         {"name": q.question.name, "address": str(record_ip(r)), "reason": why},
                     )
                     return build_response(q, REFUSED)
-        await self._learn(st, q.question.name, records)
+        try:
+            await self._learn(st, q.question.name, records)
+        except CorralError as e:
+            # without the nft element the agent could not connect anyway: say so
+            st.stats["learn_failed"] += 1
+            log.error("[agent=%s] could not open %s in nft: %s", st.name, q.question.name, e)
+            return build_response(q, SERVFAIL)
         return build_response(q, resp.rcode, records, limit=limit)
 
     async def _learn(self, st: _AgentDns, name: str, records: Sequence[Record]) -> None:

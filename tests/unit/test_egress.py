@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from sandbox import nft
+from sandbox.errors import KernelError
 from supervisor import egress
 from supervisor.egress import (
     T_A,
@@ -464,5 +465,29 @@ def test_upstream_down_is_servfail() -> None:
             assert m.rcode == egress.SERVFAIL
         finally:
             await r.close()
+
+    asyncio.run(main())
+
+
+def test_nft_failure_is_servfail_not_a_silent_answer() -> None:
+    """If the answer cannot be opened in nft, the agent must not get an address it can't use."""
+
+    def broken(script: str) -> None:
+        raise KernelError("nft -f - failed: simulated")
+
+    async def main() -> None:
+        up_port, port = _free_port(), _free_port()
+        up = FakeUpstream(ZONE)
+        await up.start(up_port)
+        r = Resolver("s", [("127.0.0.1", up_port)], "10.213.0.0/16", port=port, nft_script=broken)
+        try:
+            await r.add_agent("web-1", "127.0.0.2", ["ok.test"], veth="cvweb1")
+            m = await ask("127.0.0.2", port, "ok.test")
+            assert m is not None
+            assert (m.rcode, m.answers) == (egress.SERVFAIL, ())
+            assert r.stats("web-1")["learn_failed"] == 1
+        finally:
+            await r.close()
+            await up.stop()
 
     asyncio.run(main())
