@@ -173,7 +173,7 @@ def test_unallowed_names_never_leave_the_host(e: Env) -> None:
     assert not any(secret in q for q in e.queries())
     # positive control: an allowed name does reach the world's server
     assert ag.dig("ok.corral.test", ag.gateway) == [e.world.w1]
-    assert e.queries()[before:] == ["ok.corral.test A"]
+    assert set(e.queries()[before:]) == {"ok.corral.test A"}  # (a retry may repeat it)
     stats = e.resolver.stats(ag.agent)
     assert stats["refused"] >= stats0.get("refused", 0) + 4
     denied = [ev for ev in e.events if ev[0] == "egress.dns_denied" and ev[1] == ag.agent]
@@ -190,7 +190,7 @@ def test_direct_dns_to_any_other_server_is_dropped(e: Env) -> None:
     # positive control: the host asks the same server and gets its answer
     r = sh("dig", "+time=3", "+tries=2", f"@{w.w1}", "ok.corral.test", "+short")
     assert r.stdout.split() == [w.w1]
-    assert e.queries()[before:] == ["ok.corral.test A"]
+    assert set(e.queries()[before:]) == {"ok.corral.test A"}  # (a retry may repeat it)
 
 
 def test_forged_host_header_or_resolve_to_other_address_fails(e: Env) -> None:
@@ -223,7 +223,9 @@ def test_answers_pointing_inside_are_refused(e: Env) -> None:
 
 def test_ttl_is_bounded(e: Env) -> None:
     ag = e.a0
-    r = ag.run("dig", "+time=3", f"@{ag.gateway}", "ttl0.corral.test", "+noall", "+answer")
+    r = ag.run(
+        "dig", "+time=3", "+tries=2", f"@{ag.gateway}", "ttl0.corral.test", "+noall", "+answer"
+    )
     assert r.stdout.split()[1] == "0"  # the agent is told TTL 0 ...
     elems = {el["key"][0]: el for el in learned(e, ag, "l4")}
     assert elems[e.world.w1]["timeout"] >= nft.MIN_LEARNED_TTL  # ... the set keeps it >= 5 s
