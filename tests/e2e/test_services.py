@@ -136,6 +136,11 @@ def test_two_agents_same_inside_port_each_answer_on_own_host_port(daemon: Daemon
     assert gw.startswith("198.19.")
     assert http_get(gw, ha, "/who.txt") == b"agent-a\n"
     assert http_get(gw, hb, "/who.txt") == b"agent-b\n"
+    # bulk data crosses the published port intact
+    daemon.cli("exec", "wa", "--", "sh", "-c", "head -c 3000000 /dev/urandom > /workspace/blob",
+               check=True)
+    upper = Path(daemon.json("inspect", "wa")["workspace"]["path"])
+    assert http_get("127.0.0.1", ha, "/blob") == (upper / "blob").read_bytes()
     # the service's output (http.server's request log) is kept per service
     logs = daemon.cli("logs", "wa", "--service", "web", check=True).stdout
     assert "GET /who.txt" in logs
