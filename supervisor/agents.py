@@ -41,7 +41,7 @@ import psutil
 from sandbox import kernel, lifecycle, process
 from sandbox.cgroups import CgroupDriver
 from sandbox.errors import Conflict, CorralError, NotFound
-from sandbox.spec import Network, SandboxSpec, Workspace, check_name
+from sandbox.spec import FsRule, Network, SandboxSpec, Workspace, check_name
 from supervisor import __version__
 from supervisor.config import Config
 from supervisor.events import EventBus
@@ -63,6 +63,10 @@ ROLES = ("viewer", "collaborator", "owner")
 #: Steps a test may pause the daemon at (CORRAL_TEST_PAUSE_AT=step) to kill it there.
 STEPS = ("recorded", "leased", "prepared", "keeper", "running", "stopping", "released",
          "removing")
+
+
+#: The directory holding the `supervisor` and `sandbox` packages (for the keeper's PYTHONPATH).
+PKG_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 def now_iso() -> str:
@@ -217,10 +221,15 @@ class Manager:
         net = Network(netns_path=f"{self.config.run_dir}/netns/{name}",
                       veth_host=veth(self.scope, name), address=addr.agent,
                       gateway=addr.gateway, ipv6=tpl.network.ipv6)
+        # The agent's only resolver is the daemon's, on its gateway; these files
+        # are written at start (`_write_etc`) and bound read-only over the host's.
+        rules = (*tpl.filesystem,
+                 FsRule("/etc/resolv.conf", "ro", f"{p.run}/etc/resolv.conf"),
+                 FsRule("/etc/hosts", "ro", f"{p.run}/etc/hosts"))
         return SandboxSpec(
             name=name, uid=uid, gid=uid, state_dir=p.state, run_dir=p.run,
             cgroup=f"agents/{name}", command=tuple(tpl.agent.command),
-            env=tuple(sorted(env.items())), workspace=ws, rules=tuple(tpl.filesystem),
+            env=tuple(sorted(env.items())), workspace=ws, rules=rules,
             limits=tpl.resources.to_limits(), network=net, home=p.home)
 
     async def create(self, name: str, template: str, project: str | None, sets: list[str],
@@ -246,7 +255,9 @@ class Manager:
             await self.pause_point("recorded")
             await self._finish_create(name)
         if start:
-            await self.start(name)
+            # Not start(): its inspect() answer would be thrown away, and
+            # inspect() costs nft calls (network counters) on the create path.
+            await self._start(name)
         return self.inspect(name)
 
     async def _finish_create(self, name: str) -> None:
@@ -285,11 +296,15 @@ class Manager:
 
     # ------------------------------------------------------------------ start
     async def start(self, name: str) -> dict[str, Any]:
+        await self._start(name)
+        return self.inspect(name)
+
+    async def _start(self, name: str) -> None:
         rt = self.rt(name)
         async with rt.lock:
             row = self.row(name)
             if row.state in ("running", "degraded", "starting") and rt.hub and not rt.hub.ended:
-                return self.inspect(name)
+                return
             if row.state == "creating":
                 await self._finish_create(name)
             self.store.update_agent(name, desired="running")
@@ -299,7 +314,6 @@ class Manager:
                 self.set_state(name, "failed", str(e))
                 await self._release_runtime(name)
                 raise
-        return self.inspect(name)
 
     async def _start_locked(self, name: str) -> None:
         row = self.row(name)
@@ -310,6 +324,7 @@ class Manager:
                   if spec.network else p.run):
             Path(d).mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chown(p.home, spec.uid, spec.gid)
+        _write_etc(p.run, spec)
         # Traversable (not listable) by the agent's uid: its home lives below.
         Path(p.state).chmod(0o711)
         t0 = time.monotonic()
@@ -343,15 +358,18 @@ class Manager:
             Path(p.exit_file).unlink()
         err = Path(p.keeper_err).open("ab")  # noqa: SIM115 - handed to the child
         try:
+            # -S: no site processing (.pth files, site-packages scan) on the
+            # create path; PYTHONPATH names everything the keeper imports, this
+            # package's root first (an editable install finds it through a .pth).
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "supervisor.keeper", "--spec", p.spec_file,
+                sys.executable, "-S", "-m", "supervisor.keeper", "--spec", p.spec_file,
                 "--socket", p.keeper_socket, "--log", p.session_log, "--status", p.exit_file,
                 "--cgroup-parent", self.cgroup_parent,
                 "--cgroup-own", json.dumps(self.own_cgroups),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=err, start_new_session=True, cwd="/",
                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                     "PYTHONPATH": os.pathsep.join(sys.path)})
+                     "PYTHONPATH": os.pathsep.join([PKG_ROOT, *sys.path])})
         finally:
             err.close()
         rt = self.rt(name)
@@ -1043,6 +1061,23 @@ def _sandbox_pty(init_pid: int, uid: int) -> tuple[int, int]:
         log.debug("sandbox pty unavailable (%s): using a host pty", e)
         master, slave = pty.openpty()
         return master, slave
+
+
+def _write_etc(run: str, spec: SandboxSpec) -> None:
+    etc = Path(run, "etc")
+    etc.mkdir(parents=True, exist_ok=True, mode=0o755)
+    if spec.network is not None:
+        gw = spec.network.gateway.split("/")[0]
+        ip = spec.network.address.split("/")[0]
+        resolv = f"# corral: the daemon's resolver answers allowed names only\nnameserver {gw}\n"
+        hosts = f"127.0.0.1 localhost\n{ip} {spec.name}\n::1 localhost ip6-localhost\n"
+    else:
+        resolv = "# corral: no network\n"
+        hosts = f"127.0.0.1 localhost {spec.name}\n"
+    for fname, text in (("resolv.conf", resolv), ("hosts", hosts)):
+        path = etc / fname
+        path.write_text(text)
+        path.chmod(0o644)
 
 
 def _socket_in_netns(netns_path: str) -> socket.socket:
