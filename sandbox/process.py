@@ -38,7 +38,7 @@ import os
 import signal
 import termios
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NoReturn
 
 import prctl
@@ -289,6 +289,7 @@ def start(spec: SandboxSpec, *, stdin: int, stdout: int, stderr: int, ctty: bool
           cgroups: CgroupDriver) -> Started:
     """Start the sandbox's init (a direct child of the caller); returns once the
     workload has exec'd. Host-side preparation (lifecycle.prepare) must be done."""
+    spec = host_paths_resolved(spec)
     ops = mounts.plan_mounts(spec)
     staging = os.path.join(spec.run_dir, "root")
     os.makedirs(staging, mode=0o700, exist_ok=True)
@@ -358,6 +359,27 @@ def start(spec: SandboxSpec, *, stdin: int, stdout: int, stderr: int, ctty: bool
         _raise_message(raw, f"starting sandbox {spec.name}")
     log.debug("sandbox %s: init pid %d running %s", spec.name, pid, spec.command)
     return Started(init_pid=pid, start_time=start_time)
+
+
+def host_paths_resolved(spec: SandboxSpec) -> SandboxSpec:
+    """`spec` with its host paths canonical (symlinks resolved, on the host).
+
+    The mount tree is built after a first pivot_root, with the host's tree at
+    /oldroot: an absolute symlink inside a source path would then resolve
+    against the staging root, not the host. Resolving here, before the fork,
+    keeps every source meaning what it means on the host.
+    """
+    def rp(p: str | None) -> str | None:
+        return os.path.realpath(p) if p else p
+
+    ws = spec.workspace
+    return replace(
+        spec,
+        state_dir=os.path.realpath(spec.state_dir), run_dir=os.path.realpath(spec.run_dir),
+        rootfs=rp(spec.rootfs), home=rp(spec.home),
+        workspace=replace(ws, project=rp(ws.project), upper=rp(ws.upper), work=rp(ws.work)),
+        rules=tuple(replace(r, source=rp(r.source or r.path)) if r.mode != "hidden" else r
+                    for r in spec.rules))
 
 
 def _kill_reap(pid: int) -> None:

@@ -64,7 +64,7 @@ def make_spec(tmp_path: Path, uniq: str, *, net: bool = False, command: tuple[st
     return SandboxSpec(name=f"{uniq}-sb", uid=uid, gid=uid, state_dir=str(tmp_path / "state"),
                        run_dir=str(tmp_path / "run"), cgroup=f"{uniq}-sb",
                        command=command or ("/bin/true",), workspace=ws,
-                       home=str(tmp_path / "state" / "home"), network=network,
+                       home=kw.pop("home", str(tmp_path / "state" / "home")), network=network,
                        limits=kw.pop("limits", Limits(pids=256, memory_bytes=512 << 20)), **kw)
 
 

@@ -154,3 +154,24 @@ def test_proc_and_host_secrets_not_reachable(tmp_path: Path, uniq: str) -> None:
         assert "Linux" in r.out  # positive control: /proc/sys readable
         assert r.out.count(spec.name) == 2, r.out
     assert Path("/proc/sys/kernel/core_pattern").read_text() != "x\n"
+
+
+def test_host_sources_behind_absolute_symlinks(tmp_path: Path, uniq: str) -> None:
+    """Sources are resolved on the host: an absolute symlink in a source path
+    must not be resolved against the sandbox's staging root."""
+    real = tmp_path / "real-data"
+    real.mkdir()
+    (real / "f").write_text("through the link\n")
+    link = tmp_path / "link"
+    link.symlink_to(real)  # absolute target
+    home_real = tmp_path / "home-real"
+    home_real.mkdir()
+    (tmp_path / "home-link").symlink_to(home_real)
+    spec = make_spec(tmp_path, uniq, rules=(FsRule("/data", "ro", str(link)),),
+                     home=str(tmp_path / "home-link"))
+    os.chown(home_real, spec.uid, spec.gid)
+    with box(spec) as b:
+        r = b.run("cat /data/f; echo mine > ~/x; ls -la /data | grep -c ' -> '")
+        assert r.code == 1, r.out  # grep found no symlink: /data is the directory itself
+        assert r.out.splitlines() == ["through the link", "0"]
+    assert (home_real / "x").read_text() == "mine\n"
