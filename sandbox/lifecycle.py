@@ -13,7 +13,8 @@ What happens inside the child (namespaces, mounts, privilege drop) is the
     overlay    upper/work dirs of the workspace
     cgroup     the sandbox's cgroup with its limits
     netns      network namespace + veth pair
-    (start)    init + workload (sandbox.process.start)
+    procs      init + workload: created by start() (sandbox.process.start),
+               killed (the whole cgroup) first thing on release
 """
 
 from __future__ import annotations
@@ -119,11 +120,25 @@ def _netns_release(spec: SandboxSpec, cg: CgroupDriver, remove_workspace: bool) 
         netns.release(spec.network)
 
 
+# --- processes --------------------------------------------------------------
+
+def _procs_prepare(spec: SandboxSpec, cg: CgroupDriver) -> None:
+    """Nothing: start() creates them."""
+
+
+def _procs_release(spec: SandboxSpec, cg: CgroupDriver, remove_workspace: bool) -> None:
+    # Released first: a live process pins the netns (the kernel could not reap
+    # the veth) and the cgroup; killing the cgroup reaches forks too.
+    if cg.exists(spec.cgroup):
+        cg.kill(spec.cgroup)
+
+
 STEPS: tuple[Step, ...] = (
     Step("dirs", _dirs_prepare, _dirs_release),
     Step("overlay", _overlay_prepare, _overlay_release),
     Step("cgroup", _cgroup_prepare, _cgroup_release),
     Step("netns", _netns_prepare, _netns_release),
+    Step("procs", _procs_prepare, _procs_release),
 )
 
 
