@@ -664,6 +664,29 @@ class Manager:
                 await self._release_runtime(name)
         self.emit("agent.reconciled", name, action="cleaned", exit_status=status)
 
+    async def monitor(self, interval: float = 2.0) -> None:
+        """Resource events: an OOM kill or a full pid table inside an agent is
+        reported (once per change), so people learn why their agent misbehaves."""
+        seen: dict[str, tuple[int, int]] = {}
+        while True:
+            await asyncio.sleep(interval)
+            for row in self.store.list_agents():
+                if row.state not in ("running", "degraded") or not row.spec_json:
+                    seen.pop(row.name, None)
+                    continue
+                try:
+                    u = await asyncio.to_thread(self.cg.usage, self.spec_of(row).cgroup)
+                except (CorralError, OSError):
+                    continue
+                old_oom, old_denied = seen.get(row.name, (0, 0))
+                if u.oom_kills > old_oom:
+                    self.emit("agent.oom", row.name, oom_kills=u.oom_kills,
+                              memory_max=u.memory_max)
+                if u.pids_denied > old_denied:
+                    self.emit("agent.pids_limit", row.name, forks_refused=u.pids_denied,
+                              pids_max=u.pids_max)
+                seen[row.name] = (u.oom_kills, u.pids_denied)
+
     async def close(self) -> None:
         """Daemon shutdown: agents keep running (their keepers do not need us)."""
         for rt in self.runtimes.values():

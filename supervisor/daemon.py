@@ -98,6 +98,7 @@ class Daemon:
             log.warning("network policy module missing: agents get no egress rules")
         sd_notify("STATUS=reconciling agents")
         await mgr.reconcile()
+        mgr.spawn(mgr.monitor(), "resource-monitor")
         from supervisor.api import serve
         self.api = await serve(mgr, cfg.api_socket)
         try:

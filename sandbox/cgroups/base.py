@@ -43,6 +43,7 @@ class Usage:
     pids: int  # tasks right now (pids.current)
     pids_max: int | None  # None = unlimited
     oom_kills: int  # processes killed by the OOM killer inside this cgroup
+    pids_denied: int = 0  # forks refused because pids.max was reached (pids.events "max")
 
 
 def check_rel(rel: str, *, allow_base: bool = False) -> list[str]:

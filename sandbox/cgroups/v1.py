@@ -223,6 +223,14 @@ class V1Driver(CgroupDriver):
                 cpu_usec = int(self._ctl("cpuacct", rel).usage) // 1000  # ns -> µs
             pids_ctl = self._ctl("pids", rel)
             pids_max = pids_ctl.get_property(b"pids.max")
+            denied = 0
+            try:
+                for line in pids_ctl.get_property(b"pids.events").splitlines():
+                    key, _, val = line.partition(" ")
+                    if key == "max":
+                        denied = int(val)
+            except (OSError, ValueError):
+                pass  # pids.events arrived in Linux 4.0's v1 controller; optional
             return Usage(
                 memory_bytes=int(mem.usage_in_bytes),
                 memory_max=None if limit >= _UNLIMITED_FLOOR else limit,
@@ -230,6 +238,7 @@ class V1Driver(CgroupDriver):
                 pids=int(pids_ctl.get_property(b"pids.current")),
                 pids_max=None if pids_max == "max" else int(pids_max),
                 oom_kills=oom_kills,
+                pids_denied=denied,
             )
         except FileNotFoundError as e:
             raise CorralError(f"cgroup {self.path(rel)} has no usage file {e.filename}") from e

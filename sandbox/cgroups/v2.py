@@ -219,6 +219,8 @@ class V2Driver(CgroupDriver):
                 pids=int(rd("pids.current")),
                 pids_max=_int_or_none(rd("pids.max")),
                 oom_kills=_kv(rd("memory.events")).get("oom_kill", 0),
+                pids_denied=_kv(rd("pids.events")).get("max", 0)
+                if path_exists(pjoin(d, "pids.events")) else 0,
             )
         except FileNotFoundError as e:
             raise CorralError(f"cgroup {d} has no usage file {e.filename}") from e
