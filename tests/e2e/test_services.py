@@ -145,6 +145,27 @@ def test_two_agents_same_inside_port_each_answer_on_own_host_port(daemon: Daemon
     logs = daemon.cli("logs", "wa", "--service", "web", check=True).stdout
     assert "GET /who.txt" in logs
     assert "GET /who.txt" in daemon.cli("logs", "wb", "--service", "web", check=True).stdout
+    # and followed live with -f
+    from tests.e2e.conftest import CORRAL
+    follow = subprocess.Popen([CORRAL, "--socket", daemon.socket, "logs", "wa", "--service",
+                               "web", "-f"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert follow.stdout is not None
+        os.set_blocking(follow.stdout.fileno(), False)
+        seen = ""
+
+        def followed() -> bool:
+            nonlocal seen
+            with contextlib.suppress(OSError, TypeError):
+                seen += follow.stdout.read() or ""  # type: ignore[union-attr]
+            if "GET /followed.txt" in seen:
+                return True
+            try_get("127.0.0.1", ha, "/followed.txt")  # a 404 is logged too
+            return False
+        poll("logs -f shows a new request", followed, 60, daemon)
+    finally:
+        follow.kill()
+        follow.communicate(timeout=10)
     tail = daemon.cli("logs", "wa", "--service", "web", "--tail", "1", check=True).stdout
     assert len(tail.splitlines()) == 1
     # an unknown service is an error, not an empty log
@@ -180,6 +201,32 @@ def test_squatted_port_is_skipped_and_claims_go_with_the_agent(daemon: Daemon,
     # removal releases the lease and the host-wide claim
     daemon.cli("rm", "--force", "sq", check=True)
     assert not claim.exists()
+
+
+def test_two_daemons_sharing_a_port_range_never_share_a_port(daemon_factory: Any,
+                                                              project: Path) -> None:
+    d1 = daemon_factory("p1")
+    d2 = daemon_factory("p2", start=False)
+    # the second daemon is configured with exactly the first one's port range
+    cfg = Path(d2.config_path)
+    lo2, hi2 = d2.ports
+    lo1, hi1 = d1.ports
+    cfg.write_text(cfg.read_text().replace(f'"{lo2}-{hi2}"', f'"{lo1}-{hi1}"'))
+    d2.ports = d1.ports
+    d2.start()
+    d1.create("sh1", "--template", "python-dev", "--project", str(project))
+    d2.create("sh2", "--template", "python-dev", "--project", str(project))
+    p1 = wait_healthy(d1, "sh1", "web")["web"]["host_port"]
+    p2 = wait_healthy(d2, "sh2", "web")["web"]["host_port"]
+    assert lo1 <= p1 <= hi1
+    assert lo1 <= p2 <= hi1
+    assert p1 != p2
+    assert Path("/run/corral-ports", str(p1)).read_text().split() == [d1.scope, "sh1", "web"]
+    assert Path("/run/corral-ports", str(p2)).read_text().split() == [d2.scope, "sh2", "web"]
+    d1.cli("exec", "sh1", "--", "sh", "-c", "echo one > /workspace/who.txt", check=True)
+    d2.cli("exec", "sh2", "--", "sh", "-c", "echo two > /workspace/who.txt", check=True)
+    assert http_get("127.0.0.1", p1, "/who.txt") == b"one\n"
+    assert http_get("127.0.0.1", p2, "/who.txt") == b"two\n"
 
 
 # ---------------------------------------------------------------------------
