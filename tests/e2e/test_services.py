@@ -276,7 +276,7 @@ services:
   ok:
     command: ["python3", "-m", "http.server", "8000", "--bind", "0.0.0.0"]
     port: 8000
-    health: {http: "/", interval: 200ms, timeout: 1s, retries: 2, start_period: 20s}
+    health: {http: "/", interval: 1s, timeout: 5s, retries: 5, start_period: 20s}
   hang:
     command: ["sh", "-c", "echo hang-service-says-hello; exec sleep 100000"]
     port: 9000
