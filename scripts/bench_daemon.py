@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -199,9 +200,13 @@ class BenchDaemon:
         names = set(self.e2e.created)
         with contextlib.suppress(Exception):
             names |= {a["name"] for a in self.api.call("GET", "/v1/agents?all=1")}
-        for name in sorted(names):
+        def rm(name: str) -> None:
             with contextlib.suppress(Exception):
                 self.cli("rm", "--force", name)
+
+        # A few at a time: each `corral` process pays the CLI's start-up.
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(rm, sorted(names)))
         with contextlib.suppress(Exception):
             self.stop()
         self.e2e.created = sorted(names)
@@ -319,11 +324,8 @@ def render(args: argparse.Namespace, create: dict[str, list[float]], memres: dic
         return (f"| {label} | {len(xs)} | {statistics.median(xs) * 1e3:.0f} | "
                 f"{pct(xs, 0.95) * 1e3:.0f} | {min(xs) * 1e3:.0f} | {max(xs) * 1e3:.0f} |")
 
-    ks = memres["keepers"]
-    dm = memres["daemon"]
-
     def krow(key: str) -> str:
-        v = [k[key] for k in ks]
+        v = [k[key] for k in memres["keepers"]]
         return (f"| keeper {key.upper()} (each) | {mb(statistics.median(v))} | "
                 f"{mb(max(v))} | {mb(sum(v))} |")
 
@@ -349,6 +351,11 @@ def render(args: argparse.Namespace, create: dict[str, list[float]], memres: dic
         row("api", create["api"]),
         row("cli", create["cli"]),
         "",
+    ]
+    if not memres:
+        return "\n".join(lines)
+    dm = memres["daemon"]
+    lines += [
         f"## memory with {args.agents} idle agents (targets: daemon ≤ 120 MB, keeper ≤ 12 MB)",
         "",
         f"Creating the {args.agents} agents one after another took {setup_s:.1f} s.",
@@ -406,26 +413,29 @@ def main() -> int:
         for how, xs in create.items():
             say(f"create ({how}): p50 {statistics.median(xs) * 1e3:.0f} ms, "
                 f"p95 {pct(xs, 0.95) * 1e3:.0f} ms over {len(xs)} runs")
-        names = [f"{uniq}-m{i}" for i in range(args.agents)]
-        t0 = time.perf_counter()
-        for n in names:
-            d.create(n, project)
-        setup_s = time.perf_counter() - t0
-        say(f"{args.agents} agents created in {setup_s:.1f} s")
-        time.sleep(2)  # idle: let start-up garbage settle
-        memres = bench_memory(d, names)
-        ks = memres["keepers"]
-        say(f"daemon RSS {mb(memres['daemon']['rss'])} MB USS {mb(memres['daemon']['uss'])} MB; "
-            f"keeper RSS median {mb(statistics.median(k['rss'] for k in ks))} MB, "
-            f"USS {mb(statistics.median(k['uss'] for k in ks))} MB, "
-            f"PSS {mb(statistics.median(k['pss'] for k in ks))} MB")
-        if args.pause:
-            input("paused; Enter to go on ")
-        restarts = []
-        for _ in range(args.restarts):
-            r = bench_restart(d, names)
-            say(f"restart: API after {r['api']:.2f} s, all re-adopted after {r['all']:.2f} s")
-            restarts.append(r)
+        memres: dict[str, Any] = {}
+        restarts: list[dict[str, float]] = []
+        setup_s = 0.0
+        if args.agents:
+            names = [f"{uniq}-m{i}" for i in range(args.agents)]
+            t0 = time.perf_counter()
+            for n in names:
+                d.create(n, project)
+            setup_s = time.perf_counter() - t0
+            say(f"{args.agents} agents created in {setup_s:.1f} s")
+            time.sleep(2)  # idle: let start-up garbage settle
+            memres = bench_memory(d, names)
+            ks, dm = memres["keepers"], memres["daemon"]
+            say(f"daemon RSS {mb(dm['rss'])} MB USS {mb(dm['uss'])} MB; "
+                f"keeper RSS median {mb(statistics.median(k['rss'] for k in ks))} MB, "
+                f"USS {mb(statistics.median(k['uss'] for k in ks))} MB, "
+                f"PSS {mb(statistics.median(k['pss'] for k in ks))} MB")
+            if args.pause:
+                input("paused; Enter to go on ")
+            for _ in range(args.restarts):
+                r = bench_restart(d, names)
+                say(f"restart: API after {r['api']:.2f} s, all re-adopted after {r['all']:.2f} s")
+                restarts.append(r)
         text = render(args, create, memres, restarts, setup_s)
         Path(args.out).write_text(text)
         say(f"wrote {args.out}")
