@@ -1,0 +1,429 @@
+"""Checks that run INSIDE the scripts/vm-test VM: systemd as PID 1, cgroup v2.
+
+Not collected by a plain `pytest` run (the file name does not match test_*.py):
+scripts/vm/in-vm runs it explicitly inside the VM, where it drives corral
+exactly as a user on a systemd host would (systemctl, the corral CLI, ssh).
+The checks run in file order and share one daemon; each names what it proves.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.vm
+
+CGROOT = Path("/sys/fs/cgroup")
+UNIT = "/etc/systemd/system/corral.service"
+
+
+def run(*argv: str, check: bool = True,
+        timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run argv, capture text output; on failure the assertion shows both streams."""
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and p.returncode != 0:
+        pytest.fail(f"{' '.join(argv)} -> rc {p.returncode}\n"
+                    f"stdout: {p.stdout}\nstderr: {p.stderr}")
+    return p
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _inside_the_vm() -> None:
+    """These checks reconfigure systemd units: refuse to run anywhere but the VM."""
+    if Path("/etc/hostname").read_text().strip() != "corral-vm":
+        pytest.fail("tests/vm/ runs only inside the scripts/vm-test VM (run scripts/vm-test)")
+
+
+def test_systemd_is_pid1() -> None:
+    assert Path("/proc/1/comm").read_text().strip() == "systemd"
+    state = run("systemctl", "is-system-running", check=False).stdout.strip()
+    # "degraded" would mean a unit failed at boot: name it.
+    failed = run("systemctl", "--failed", "--no-legend", "--plain", check=False).stdout
+    assert state in ("running", "starting"), f"system {state}; failed units:\n{failed}"
+
+
+def test_cgroup2_unified_with_controllers() -> None:
+    mounts = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
+    fstype = {m[1]: m[2] for m in mounts}
+    assert fstype.get("/sys/fs/cgroup") == "cgroup2", "not the unified hierarchy"
+    assert not any(m[2] == "cgroup" for m in mounts), "a cgroup v1 hierarchy is mounted"
+    controllers = set((CGROOT / "cgroup.controllers").read_text().split())
+    assert {"cpu", "memory", "pids"} <= controllers, controllers
+
+
+def test_unit_installed_and_verifies() -> None:
+    text = Path(UNIT).read_text()
+    assert "@REPO@" not in text, "scripts/install did not substitute the repo path"
+    assert "ExecStart=/opt/corral/.venv/bin/corral daemon" in text
+    p = run("systemd-analyze", "verify", UNIT, check=False)
+    # verify prints warnings for every unit it loads; only ours matter.
+    ours = [ln for ln in (p.stdout + p.stderr).splitlines() if "corral" in ln]
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert not ours, p.stdout + p.stderr
+
+
+def test_unit_properties() -> None:
+    props = dict(
+        line.split("=", 1)
+        for line in run(
+            "systemctl", "show", "corral", "-p",
+            "Type,Delegate,KillMode,Restart,OOMScoreAdjust,TasksMax,NotifyAccess",
+        ).stdout.splitlines()
+    )
+    assert props == {
+        "Type": "notify", "Delegate": "yes", "KillMode": "process",
+        "Restart": "on-failure", "OOMScoreAdjust": "-500",
+        "TasksMax": "infinity", "NotifyAccess": "main",
+    }, props
+
+
+def test_tmpfiles_entry() -> None:
+    st = os.stat("/run/corral")
+    assert grp.getgrgid(st.st_gid).gr_name == "corral"
+    assert st.st_mode & 0o777 == 0o750
+
+
+# --- corral under systemd ----------------------------------------------------
+
+CORRAL = "/usr/local/bin/corral"  # scripts/install's symlink, as users call it
+SERVICE_CG = "/system.slice/corral.service"
+AGENT = "vmlim"
+PROJECT = Path("/srv/vm-project")
+# Small limits so the kernel's enforcement shows quickly even under TCG.
+MEMORY = 64 * 1024 * 1024
+PIDS = 64
+CPUS = 0.2
+
+
+def corral(*args: str, check: bool = True,
+           timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return run(CORRAL, *args, check=check, timeout=timeout)
+
+
+def cj(*args: str) -> Any:
+    return json.loads(corral("--json", *args).stdout)
+
+
+def main_pid() -> int:
+    return int(run("systemctl", "show", "-p", "MainPID", "--value", "corral").stdout)
+
+
+def unit_prop(name: str) -> str:
+    return run("systemctl", "show", "-p", name, "--value", "corral").stdout.strip()
+
+
+def cgroup_of(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    raise AssertionError(f"pid {pid} has no cgroup v2 line")
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for(what: str, pred: Any, timeout: float = 120) -> Any:
+    """Poll pred() until it returns something truthy; fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = pred()
+        except (OSError, subprocess.SubprocessError, ValueError, KeyError) as e:
+            last = e
+        else:
+            if last:
+                return last
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what} (last: {last!r})")
+
+
+def inspect(name: str = AGENT) -> dict[str, Any]:
+    info: dict[str, Any] = cj("inspect", name)
+    return info
+
+
+def running_agent() -> dict[str, Any]:
+    def ready() -> dict[str, Any] | None:
+        info = inspect()
+        return info if info["state"] == "running" and info["session"]["pid"] else None
+
+    info: dict[str, Any] = wait_for(f"{AGENT} running", ready)
+    return info
+
+
+def kv(path: Path) -> dict[str, int]:
+    return {k: int(v) for k, v in (ln.split() for ln in path.read_text().splitlines())}
+
+
+def agent_cg() -> Path:
+    return Path(inspect()["cgroup"])
+
+
+def daemon_healthy(expect_pid: int | None = None) -> None:
+    assert unit_prop("ActiveState") == "active"
+    if expect_pid is not None:
+        assert main_pid() == expect_pid, "the daemon was restarted"
+    assert cj("status")["cgroup_driver"] == "v2"
+
+
+def test_systemctl_start_returns_when_ready() -> None:
+    run("systemctl", "start", "corral", timeout=300)
+    # Type=notify: start returns only after READY=1, so the CLI works at once.
+    st = corral("--json", "status", timeout=60)
+    assert st.returncode == 0, st.stderr
+    assert unit_prop("ActiveState") == "active"
+    assert "serving" in unit_prop("StatusText")
+
+
+def test_status_names_cgroup_v2() -> None:
+    st = cj("status")
+    assert st["cgroup_driver"] == "v2", st
+    assert "v2" in corral("status").stdout
+
+
+def test_daemon_runs_in_its_supervisor_leaf() -> None:
+    # cgroup v2's no-internal-processes rule: the daemon leaves the unit's root.
+    assert cgroup_of(main_pid()) == f"{SERVICE_CG}/supervisor"
+    assert (CGROOT / SERVICE_CG.lstrip("/") / "cgroup.procs").read_text() == ""
+
+
+def test_create_agent_with_limits() -> None:
+    PROJECT.mkdir(parents=True, exist_ok=True)
+    (PROJECT / "README.md").write_text("vm-test project\n")
+    corral("create", AGENT, "--template", "default", "--project", str(PROJECT),
+           "--set", f"resources.memory={MEMORY}", "--set", f"resources.pids={PIDS}",
+           "--set", f"resources.cpus={CPUS}")
+    info = running_agent()
+    assert info["limits"]["memory_bytes"] == MEMORY
+    assert info["limits"]["pids"] == PIDS
+
+
+def test_agent_cgroup_has_the_limits() -> None:
+    cg = agent_cg()
+    assert str(cg).startswith(f"/sys/fs/cgroup{SERVICE_CG}/"), cg
+    assert int((cg / "memory.max").read_text()) == MEMORY
+    assert (cg / "memory.swap.max").read_text().strip() == "0"
+    assert int((cg / "pids.max").read_text()) == PIDS
+    quota, period = (cg / "cpu.max").read_text().split()
+    assert int(quota) == int(CPUS * int(period)), (quota, period)
+
+
+def test_corral_cgroups_only_inside_its_delegated_subtree() -> None:
+    info = inspect()
+    inside = f"{SERVICE_CG}/"
+    for pid in (info["session"]["pid"], info["session"]["keeper_pid"]):
+        assert cgroup_of(pid).startswith(inside), (pid, cgroup_of(pid))
+    strays = []
+    for d, dirs, _ in os.walk(CGROOT):
+        rel = d[len(str(CGROOT)):]
+        if rel.startswith(SERVICE_CG):
+            dirs.clear()
+            continue
+        if "corral" in rel.split("/")[-1] or AGENT in rel:
+            strays.append(rel)
+    assert not strays, f"corral cgroups outside {SERVICE_CG}: {strays}"
+
+
+def test_memory_max_oom_kills_inside_the_agent_only() -> None:
+    cg = agent_cg()
+    before = kv(cg / "memory.events")["oom_kill"]
+    pid = main_pid()
+    session = inspect()["session"]["pid"]
+    p = corral("exec", AGENT, "--", "python3", "-c",
+               "b = bytearray(256 * 1024 * 1024); print('survived')", check=False)
+    assert p.returncode != 0, (p.returncode, p.stdout)
+    assert "survived" not in p.stdout
+    assert kv(cg / "memory.events")["oom_kill"] > before
+    # Positive control: a small allocation in the same agent is fine.
+    ok = corral("exec", AGENT, "--", "python3", "-c",
+                "b = bytearray(8 * 1024 * 1024); print('small ok')")
+    assert "small ok" in ok.stdout
+    daemon_healthy(pid)
+    assert alive(session)
+    assert inspect()["state"] == "running"
+
+
+FORKER = """
+import os, time
+kids = []
+err = None
+try:
+    while len(kids) < 1000:
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        kids.append(pid)
+except OSError as e:
+    err = e.errno
+for k in kids:
+    os.kill(k, 9)
+for k in kids:
+    os.waitpid(k, 0)
+print("forked", len(kids), "errno", err)
+"""
+
+
+def test_pids_max_stops_a_fork_bomb() -> None:
+    cg = agent_cg()
+    before = kv(cg / "pids.events")["max"]
+    pid = main_pid()
+    p = corral("exec", AGENT, "--", "python3", "-c", FORKER)
+    words = p.stdout.split()
+    forked, errno_ = int(words[1]), words[3]
+    assert forked < PIDS, p.stdout
+    assert errno_ == "11", p.stdout  # EAGAIN from the pids controller
+    assert kv(cg / "pids.events")["max"] > before
+    daemon_healthy(pid)
+
+
+def test_cpu_max_throttles() -> None:
+    cg = agent_cg()
+    before = kv(cg / "cpu.stat")["nr_throttled"]
+    corral("exec", AGENT, "--", "python3", "-c",
+           "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 3: pass")
+    stat = kv(cg / "cpu.stat")
+    assert stat["nr_throttled"] > before, stat
+    assert stat["throttled_usec"] > 0, stat
+
+
+def test_restart_keeps_agents_and_sessions() -> None:
+    info = running_agent()
+    old = main_pid()
+    run("systemctl", "restart", "corral", timeout=300)
+    new = main_pid()
+    assert new != old
+    assert unit_prop("ActiveState") == "active"
+    after = running_agent()
+    assert after["session"]["pid"] == info["session"]["pid"]
+    assert after["session"]["keeper_pid"] == info["session"]["keeper_pid"]
+    assert cgroup_of(new) == f"{SERVICE_CG}/supervisor"
+    assert "again" in corral("exec", AGENT, "--", "echo", "again").stdout
+
+
+def test_stop_leaves_agents_running() -> None:
+    info = running_agent()
+    run("systemctl", "stop", "corral", timeout=120)
+    assert unit_prop("ActiveState") in ("inactive", "failed")
+    # KillMode=process: only the daemon got SIGTERM; the keeper and the
+    # session go on (the documented policy: agents outlive the daemon).
+    assert alive(info["session"]["pid"])
+    assert alive(info["session"]["keeper_pid"])
+    down = corral("status", check=False)
+    assert down.returncode == 1, down
+    assert down.stderr.startswith("corral: error:"), down
+    run("systemctl", "start", "corral", timeout=300)
+    after = running_agent()
+    assert after["session"]["pid"] == info["session"]["pid"]
+
+
+def test_sigkill_crash_is_restarted_with_nothing_lost() -> None:
+    info = running_agent()
+    old = main_pid()
+    restarts = int(unit_prop("NRestarts"))
+    # A crash of the daemon alone: --kill-whom=main (plain `systemctl kill`
+    # signals every process in the unit's cgroup, agents included).
+    run("systemctl", "kill", "-s", "KILL", "--kill-whom=main", "corral")
+    wait_for("systemd to restart corral",
+             lambda: unit_prop("ActiveState") == "active" and main_pid() not in (0, old),
+             timeout=240)
+    assert int(unit_prop("NRestarts")) == restarts + 1
+    after = running_agent()
+    assert after["session"]["pid"] == info["session"]["pid"]
+    assert cj("status")["cgroup_driver"] == "v2"
+
+
+def test_ssh_exec_and_attach() -> None:
+    key = Path("/root/.ssh/vmtest")
+    key.parent.mkdir(mode=0o700, exist_ok=True)
+    if not key.exists():
+        run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))
+    corral("user", "add", "vmuser", "--key", f"{key}.pub")
+    corral("grant", AGENT, "vmuser", "--role", "collaborator")
+    ssh = ["ssh", "-p", "2222", "-i", str(key), "-o", "BatchMode=yes",
+           "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+           "-o", "LogLevel=ERROR", f"{AGENT}@localhost"]
+    p = run(*ssh, "echo via-ssh-$((6*7))", timeout=120)
+    assert "via-ssh-42" in p.stdout
+    # Attach: a real terminal on the agent's session; what we type runs there.
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execvp("ssh", ["ssh", "-tt", *ssh])  # noqa: S606 - fixed argv, no shell
+    try:
+        out = b""
+        os.write(fd, b"echo attached-$((6*7))\r")
+        deadline = time.monotonic() + 120
+        while b"attached-42" not in out and time.monotonic() < deadline:
+            r, _, _ = select.select([fd], [], [], 1)
+            if r:
+                try:
+                    out += os.read(fd, 4096)
+                except OSError:
+                    break
+        assert b"attached-42" in out, out[-2000:]
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+        os.close(fd)
+    assert alive(inspect()["session"]["pid"]), "detaching must leave the agent running"
+
+
+def test_rm_releases_the_cgroup() -> None:
+    cg = agent_cg()
+    corral("rm", "--force", AGENT)
+    wait_for("the agent cgroup to go", lambda: not cg.exists())
+    daemon_healthy()
+
+
+TOY = """#!/bin/bash
+cg=/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)
+case "$cg" in */supervisor) cg=${cg%/supervisor};; esac
+mkdir -p "$cg/supervisor"
+echo $$ > "$cg/supervisor/cgroup.procs"
+echo "+memory +pids +cpu" > "$cg/cgroup.subtree_control"
+if [ ! -d "$cg/agent" ]; then
+    mkdir "$cg/agent"
+    (echo $BASHPID > "$cg/agent/cgroup.procs"; exec sleep 100000) &
+fi
+systemd-notify --ready 2>/dev/null
+exec sleep 100000
+"""
+
+
+def test_experiment_delegate_restart() -> None:
+    """EXPERIMENT: does systemd 252 restart a Delegate=yes unit whose cgroup has
+    subtree_control set and a living child cgroup (KillMode=process)?"""
+    Path("/usr/local/bin/toy.sh").write_text(TOY)
+    os.chmod("/usr/local/bin/toy.sh", 0o755)  # noqa: S103
+    Path("/etc/systemd/system/toy.service").write_text(
+        "[Service]\nType=simple\nDelegate=yes\nKillMode=process\n"
+        "ExecStart=/usr/local/bin/toy.sh\n"
+    )
+    run("systemctl", "daemon-reload")
+    run("systemctl", "start", "toy")
+    import time
+
+    time.sleep(2)
+    print(run("systemd-cgls", "-u", "toy.service", "--no-pager", check=False).stdout)
+    p = run("systemctl", "restart", "toy", check=False)
+    time.sleep(2)
+    print("restart rc", p.returncode, p.stderr)
+    print(run("systemctl", "status", "toy", "--no-pager", check=False).stdout)
+    print(run("journalctl", "-u", "toy", "--no-pager", check=False).stdout)
+    print(run("systemd-cgls", "-u", "toy.service", "--no-pager", check=False).stdout)
+    assert p.returncode == 0
