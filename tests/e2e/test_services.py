@@ -282,7 +282,8 @@ services:
     port: 9000
     health: {tcp: 9000, interval: 200ms, timeout: 500ms, retries: 2}
   crash:
-    command: ["sh", "-c", "echo crash-service-says-boom >&2; exit 3"]
+    command: ["sh", "-c", "echo crash-service-says-boom $GREETING port=$CORRAL_PORT_OK >&2; exit 3"]
+    env: {GREETING: hi-from-service-env}
 """)
     daemon.create("sk", "--template", "sick", "--project", str(project))
 
@@ -313,6 +314,9 @@ services:
     assert svcs["hang"]["state"] == "failed"
     assert svcs["crash"]["state"] == "failed"
     assert svcs["crash"]["restarts"] == 4
+    # services see their own env and every service's host port
+    assert "hi-from-service-env" in by_svc["crash"]["log"]
+    assert f"port={svcs['ok']['host_port']}" in by_svc["crash"]["log"]
     # positive control: the healthy service in the same agent is untouched
     assert svcs["ok"]["state"] == "running"
     assert svcs["ok"]["health"] == "healthy"
