@@ -478,9 +478,11 @@ class ServiceSet:
                 self._task(self._kill_unhealthy(st, gen), f"svc-kill-{self.agent}-{st.svc.name}")
 
     async def _kill_unhealthy(self, st: SvcState, gen: int) -> None:
-        if st.child is not None:
+        # The mirror forwards SIGTERM too, should the service's own pid be unknown.
+        target = st.child if st.child is not None else st.pid
+        if target is not None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(st.child, signal.SIGTERM)
+                os.kill(target, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
         while time.monotonic() < deadline:
             if st.generation != gen or st.pid is None or self.closing:
