@@ -48,12 +48,12 @@ def test_fork_bomb_stops_at_pids_limit(daemon: Daemon, project: Path) -> None:
 
 def test_memory_bomb_is_oom_killed_inside_only(daemon: Daemon, project: Path) -> None:
     daemon.create("mb", "--template", "default", "--project", str(project),
-                  "--set", "resources.memory=64M")
+                  "--set", "resources.memory=256M")
     daemon.wait_state("mb", ("running",))
     # positive control: a modest allocation works
     ok = daemon.cli("exec", "mb", "--", "python3", "-c", "b=bytearray(16<<20); print('ok')")
     assert ok.returncode == 0
-    cp = daemon.cli("exec", "mb", "--", "python3", "-c", "b=bytearray(512<<20)", timeout=120)
+    cp = daemon.cli("exec", "mb", "--", "python3", "-c", "b=bytearray(1024<<20)", timeout=120)
     assert cp.returncode == 137
     e = _wait_event(daemon, "mb", "agent.oom")
     assert e["agent"] == "mb"

@@ -61,7 +61,11 @@ def test_fork_bomb_stops_at_pids_max(tmp_path: Path, uniq: str) -> None:
 
 
 def test_memory_bomb_is_oom_killed_inside_only(tmp_path: Path, uniq: str) -> None:
-    spec = make_spec(tmp_path, uniq, limits=Limits(pids=64, memory_bytes=64 << 20,
+    # The limit is well above this test process's RSS: `enter`'s host-side
+    # waiter is forked from it and sits in the sandbox's cgroup, and the OOM
+    # killer picks by resident size, so a limit below that could pick the
+    # waiter instead of the bomb.
+    spec = make_spec(tmp_path, uniq, limits=Limits(pids=64, memory_bytes=256 << 20,
                                                    swap_bytes=0))
     with box(spec) as b:
         before = b.cg.usage(spec.cgroup).oom_kills
@@ -72,7 +76,7 @@ def test_memory_bomb_is_oom_killed_inside_only(tmp_path: Path, uniq: str) -> Non
         assert "survived" in r.out
         u = b.cg.usage(spec.cgroup)
         assert u.oom_kills >= before + 1
-        assert u.memory_max == 64 << 20
+        assert u.memory_max == 256 << 20
         # positive control: a workload under the limit runs to the end
         ok = b.run("python3 -c 'b = bytearray(16 << 20); print(len(b))'")
         assert ok.code == 0, ok.out
