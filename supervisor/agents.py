@@ -223,12 +223,20 @@ class Manager:
                       gateway=addr.gateway, ipv6=tpl.network.ipv6)
         # The agent's only resolver is the daemon's, on its gateway; these files
         # are written at start (`_write_etc`) and bound read-only over the host's.
-        rules = (*tpl.filesystem,
-                 FsRule("/etc/resolv.conf", "ro", f"{p.run}/etc/resolv.conf"),
-                 FsRule("/etc/hosts", "ro", f"{p.run}/etc/hosts"))
+        rules: tuple[FsRule, ...] = (
+            *tpl.filesystem,
+            FsRule("/etc/resolv.conf", "ro", f"{p.run}/etc/resolv.conf"),
+            FsRule("/etc/hosts", "ro", f"{p.run}/etc/hosts"))
+        command = tuple(tpl.agent.command)
+        if tpl.services:
+            # Services start before the session (CONTRACT.md): the session's
+            # command waits at this gate until the daemon opens it, and then
+            # execs, keeping its pid. The gate dir is the host's, read-only.
+            rules = (*rules, FsRule(GATE_DIR, "ro", f"{p.run}/gate"))
+            command = ("/bin/sh", "-c", GATE_SCRIPT, "corral-session", *command)
         return SandboxSpec(
             name=name, uid=uid, gid=uid, state_dir=p.state, run_dir=p.run,
-            cgroup=f"agents/{name}", command=tuple(tpl.agent.command),
+            cgroup=f"agents/{name}", command=command,
             env=tuple(sorted(env.items())), workspace=ws, rules=rules,
             limits=tpl.resources.to_limits(), network=net, home=p.home)
 
@@ -325,6 +333,9 @@ class Manager:
             Path(d).mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chown(p.home, spec.uid, spec.gid)
         _write_etc(p.run, spec)
+        gate = Path(p.run, "gate")
+        gate.mkdir(mode=0o755, exist_ok=True)
+        (gate / "go").unlink(missing_ok=True)
         # Traversable (not listable) by the agent's uid: its home lives below.
         Path(p.state).chmod(0o711)
         t0 = time.monotonic()
@@ -346,6 +357,8 @@ class Manager:
             rt = self.rt(name)
             rt.services = ServiceSet(self, name, spec, tpl)
             await rt.services.start()
+            await rt.services.wait_ready()
+        _open_gate(p.run)
         self.set_state(name, "running")
         if self.rt(name).services is not None:
             self.rt(name).services.sync_agent_state()  # a service may be unhealthy already
@@ -624,6 +637,7 @@ class Manager:
                 rt = self.rt(name)
                 rt.services = ServiceSet(self, name, self.spec_of(row), tpl)
                 await rt.services.adopt()
+            _open_gate(self.paths(name).run)
             if row.state != "running":
                 self.set_state(name, "running")
             if self.rt(name).services is not None:
@@ -1084,6 +1098,16 @@ def _sandbox_pty(init_pid: int, uid: int) -> tuple[int, int]:
         log.debug("sandbox pty unavailable (%s): using a host pty", e)
         master, slave = pty.openpty()
         return master, slave
+
+
+GATE_DIR = "/.corral"
+GATE_SCRIPT = 'while [ ! -e /.corral/go ]; do sleep 0.05; done; exec "$@"'
+
+
+def _open_gate(run: str) -> None:
+    gate = Path(run, "gate")
+    if gate.is_dir():
+        (gate / "go").touch()
 
 
 def _write_etc(run: str, spec: SandboxSpec) -> None:

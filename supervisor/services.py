@@ -126,6 +126,21 @@ class ServiceSet:
             await self.stop()
             raise
 
+    async def wait_ready(self, budget: float = 120.0) -> bool:
+        """Wait (bounded) until every service is healthy, or one has failed.
+
+        The session starts after this, so it finds its services up; a service
+        that is not healthy in time leaves the agent `degraded`, not stuck.
+        """
+        deadline = time.monotonic() + budget
+        while time.monotonic() < deadline:
+            if all(st.healthy_event.is_set() for st in self.states.values()):
+                return True
+            if any(st.state == "failed" for st in self.states.values()):
+                return False
+            await asyncio.sleep(0.05)
+        return False
+
     async def adopt(self) -> None:
         """After a daemon restart: re-watch the services that are still running."""
         Path(self.dir).mkdir(parents=True, exist_ok=True, mode=0o700)

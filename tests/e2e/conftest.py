@@ -234,6 +234,9 @@ def _hard_cleanup(d: Daemon) -> None:
     shutil.rmtree(d.run_dir, ignore_errors=True)
 
 
+_SUBNETS_GIVEN: set[object] = set()
+
+
 def make_daemon(tmp_path: Path, uniq: str, extra: str = "") -> Daemon:
     state = tmp_path / "state"
     run = Path(f"/tmp/crt-{uniq}")
@@ -241,8 +244,17 @@ def make_daemon(tmp_path: Path, uniq: str, extra: str = "") -> Daemon:
     tdir = tmp_path / "templates"
     tdir.mkdir(exist_ok=True)
     ssh_port = free_port()
-    third = random.randint(0, 255)
-    subnet = f"198.19.{third}.0/24"
+    # A /24 nothing on the host routes yet; remembered, so two daemons of one
+    # test run (whose agents may not exist yet) never get the same one.
+    import ipaddress
+
+    from tests.integration.networld import free_subnet
+    while True:
+        cand = free_subnet(ipaddress.ip_network("198.19.0.0/16"), 24)
+        if cand not in _SUBNETS_GIVEN:
+            _SUBNETS_GIVEN.add(cand)
+            break
+    subnet = str(cand)
     plo = random.randrange(30000, 39000, 100)
     ulo = random.randrange(300000, 900000, 1000)
     cfg = tmp_path / "corral.yaml"

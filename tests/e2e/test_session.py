@@ -148,3 +148,26 @@ def test_session_exit_marks_agent_stopped(daemon: Daemon, project: Path, tmux: T
     assert info["state"] == "failed"
     assert "status 3" in info["reason"]
     assert not daemon.leftovers(), daemon.leftovers()
+
+
+def test_services_start_before_the_session(daemon: Daemon, project: Path) -> None:
+    tdir = Path(daemon.config_path).parent / "templates"
+    (tdir / "svcfirst.yaml").write_text(
+        "name: svcfirst\n"
+        "description: the session checks the service is already up\n"
+        "extends: default\n"
+        "agent:\n"
+        "  command: [\"sh\", \"-c\", \"python3 -c 'import socket; "
+        "socket.create_connection((\\\"127.0.0.1\\\", 8000), timeout=2); "
+        "print(\\\"SERVICE-UP-FIRST\\\")'; exec sh\"]\n"
+        "services:\n"
+        "  web:\n"
+        "    command: [python3, -m, http.server, \"8000\"]\n"
+        "    port: 8000\n"
+        "    health: {tcp: 8000, interval: 1s, timeout: 2s, retries: 30}\n")
+    daemon.create("sf", "--template", "svcfirst", "--project", str(project))
+    daemon.wait_state("sf", ("running",))
+    deadline = time.monotonic() + 30
+    while "SERVICE-UP-FIRST" not in daemon.cli("logs", "sf").stdout:
+        assert time.monotonic() < deadline, daemon.cli("logs", "sf").stdout
+        time.sleep(0.3)
