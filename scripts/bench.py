@@ -241,8 +241,25 @@ def section_sandbox(args: argparse.Namespace) -> list[str]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def _standalone(script: str, *extra: str) -> Callable[[argparse.Namespace], list[str]]:
+    """A section that lives in its own script (it writes its docs/bench-*.md)."""
+
+    def run(args: argparse.Namespace) -> list[str]:
+        argv = [sys.executable, str(REPO / "scripts" / script), *extra]
+        if script != "bench_workspace.py":
+            argv += ["--runs", str(min(args.runs, 30))]
+        print(f"## {script} ({' '.join(argv[1:])})\n", flush=True)
+        subprocess.run(argv, check=True)
+        return []
+
+    return run
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], list[str]]] = {
     "sandbox": section_sandbox,
+    "daemon": _standalone("bench_daemon.py"),
+    "services": _standalone("bench_services.py"),
+    "workspace": _standalone("bench_workspace.py"),
 }
 
 

@@ -631,7 +631,7 @@ class Manager:
                 return
             tpl = self.template_of(row)
             if self.network is not None and row.spec_json:
-                await self.network.add_agent(name, self.spec_of(row), tpl)
+                await self.network.adopt_agent(name, self.spec_of(row), tpl)
             if tpl.services:
                 from supervisor.services import ServiceSet
                 rt = self.rt(name)

@@ -55,6 +55,7 @@ class NetPolicy:
         self.scope = scope
         self.mgr = mgr
         self.resolver: Resolver | None = None
+        self.existing: dict[str, str] = {}
 
     async def start(self) -> None:
         uplinks: list[str] = []
@@ -63,6 +64,9 @@ class NetPolicy:
         except CorralError as e:
             log.warning("no default route found (%s): agents get no egress at all", e)
         await asyncio.to_thread(nft.ensure_table, self.scope, uplinks)
+        # What the table already holds (agents that ran through a daemon
+        # restart): re-adopting them needs the resolver, not a rule reload.
+        self.existing = await asyncio.to_thread(nft.agents, self.scope)
         self.resolver = Resolver(
             self.scope, upstream_servers(self.config.upstream_dns),
             str(self.config.network.subnet), on_event=self._on_event)
@@ -82,6 +86,20 @@ class NetPolicy:
             return
         entries, allow_all = self._entries(tpl)
         await asyncio.to_thread(nft.apply_network, self.scope, name, net, entries, allow_all)
+        if self.resolver is not None:
+            await self.resolver.add_agent(name, net.gateway, entries, ipv6=net.ipv6,
+                                          allow_all=allow_all)
+
+    async def adopt_agent(self, name: str, spec: SandboxSpec, tpl: Template) -> None:
+        """After a daemon restart: keep the rules the table still has for this
+        agent (they never stopped applying), restart its resolver."""
+        net = spec.network
+        if net is None:
+            return
+        if self.existing.get(name) != net.veth_host:
+            await self.add_agent(name, spec, tpl)
+            return
+        entries, allow_all = self._entries(tpl)
         if self.resolver is not None:
             await self.resolver.add_agent(name, net.gateway, entries, ipv6=net.ipv6,
                                           allow_all=allow_all)
