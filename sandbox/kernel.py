@@ -9,14 +9,14 @@ failed: EPERM``, so a log line is enough to reproduce it by hand.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno as errno_mod
 import os
-import platform
 
 from sandbox.errors import KernelError
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# "libc.so.6" by name: ctypes.util.find_library runs `ldconfig -p` in a
+# subprocess, which every keeper start would pay for.
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
 # --- clone/unshare flags (linux/sched.h) ---
 CLONE_NEWNS = 0x00020000
@@ -84,7 +84,7 @@ _SYS = {
                "move_mount": 429, "mount_setattr": 442},
     "aarch64": {"pivot_root": 41, "setns": 268, "openat2": 437, "open_tree": 428,
                 "move_mount": 429, "mount_setattr": 442},
-}[platform.machine()]
+}[os.uname().machine]
 
 
 def _flag_names(flags: int) -> str:

@@ -266,7 +266,7 @@ class Manager:
             # Not start(): its inspect() answer would be thrown away, and
             # inspect() costs nft calls (network counters) on the create path.
             await self._start(name)
-        return self.inspect(name)
+        return self.inspect(name, network=False)
 
     async def _finish_create(self, name: str) -> None:
         """Lease, build the spec, prepare host-side state. Idempotent."""
@@ -305,7 +305,7 @@ class Manager:
     # ------------------------------------------------------------------ start
     async def start(self, name: str) -> dict[str, Any]:
         await self._start(name)
-        return self.inspect(name)
+        return self.inspect(name, network=False)
 
     async def _start(self, name: str) -> None:
         rt = self.rt(name)
@@ -463,7 +463,7 @@ class Manager:
             self.row(name)
             self.store.update_agent(name, desired="stopped")
             await self._stop_locked(name, timeout)
-        return self.inspect(name)
+        return self.inspect(name, network=False)
 
     async def _stop_locked(self, name: str, timeout: float | None) -> None:
         row = self.row(name)
@@ -763,7 +763,7 @@ class Manager:
             rows = [r for r in rows if r.state not in ("stopped",)]
         return [self._summary(r) for r in rows]
 
-    def inspect(self, name: str) -> dict[str, Any]:
+    def inspect(self, name: str, network: bool = True) -> dict[str, Any]:
         row = self.row(name)
         out = self._summary(row)
         spec = self.spec_of(row) if row.spec_json else None
@@ -802,7 +802,7 @@ class Manager:
             },
             "uid": row.uid,
         })
-        if self.network is not None and out["state"] in ("running", "degraded"):
+        if network and self.network is not None and out["state"] in ("running", "degraded"):
             with contextlib.suppress(Exception):
                 out["network"] = self.network.describe(name)
         return out

@@ -27,14 +27,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, NoReturn, TypeVar
 
-import aiohttp
 import click
 import yaml
 
 from sandbox.errors import CorralError
 from sandbox.spec import check_name
-from supervisor import table, termattach
-from supervisor.client import DEFAULT_SOCKET, AsyncClient, Client, agent_path, with_query
+from supervisor import table
+from supervisor.client import DEFAULT_SOCKET, Client, agent_path, with_query
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -58,6 +57,15 @@ class OperationalError(click.ClickException):
         click.echo(f"corral: error: {self.format_message()}", err=True)
 
 
+def _lost_connection_errors() -> tuple[type[BaseException], ...]:
+    """Errors meaning the daemon went away; aiohttp's only if it was loaded
+    (only attach/exec need it: it costs most of the CLI's start-up time, so it
+    is imported on demand)."""
+    errors: tuple[type[BaseException], ...] = (http.client.HTTPException, ConnectionResetError)
+    aiohttp = sys.modules.get("aiohttp")
+    return (*errors, aiohttp.ClientError) if aiohttp is not None else errors
+
+
 class CorralGroup(click.Group):
     """The root group: turns every CorralError raised below it into exit 1 + one line."""
 
@@ -66,7 +74,7 @@ class CorralGroup(click.Group):
             return super().invoke(ctx)
         except CorralError as exc:
             raise OperationalError(one_line(exc)) from None
-        except (aiohttp.ClientError, http.client.HTTPException, ConnectionResetError) as exc:
+        except _lost_connection_errors() as exc:
             # The daemon went away in the middle of an answer or a stream.
             raise OperationalError(one_line(CorralError(
                 f"lost the connection to the daemon: {exc or type(exc).__name__}",
@@ -360,6 +368,9 @@ def exec_cmd(ctx: click.Context, name: str, user: str | None, want_tty: bool,
 
     Put `--` before the command when it has options: corral exec NAME -- ls -la
     """
+    from supervisor import termattach
+    from supervisor.client import AsyncClient
+
     path = agent_path(_agent(name), "exec")
     stdin = _stdin_source()
     tty_fd = stdin if want_tty and isinstance(stdin, int) and os.isatty(stdin) else None
@@ -387,6 +398,9 @@ def exec_cmd(ctx: click.Context, name: str, user: str | None, want_tty: bool,
 @click.pass_context
 def attach(ctx: click.Context, name: str, read_only: bool) -> None:
     """Attach this terminal to the agent's session; detach with Ctrl-]."""
+    from supervisor import termattach
+    from supervisor.client import AsyncClient
+
     size = termattach.terminal_size(1, 0)
     query: dict[str, Any] = {"read_only": read_only}
     if size is not None:

@@ -19,10 +19,11 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
-import aiohttp
+if TYPE_CHECKING:
+    import aiohttp
 
 from sandbox.errors import Conflict, CorralError, NotFound, PermissionDenied, TemplateError
 
@@ -263,12 +264,18 @@ class AsyncClient:
     """aiohttp over the unix socket; use as `async with AsyncClient(path) as c:`."""
 
     def __init__(self, socket_path: str = DEFAULT_SOCKET) -> None:
+        # Imported here, not at module level: the plain CLI commands use the
+        # sync Client, and aiohttp is most of the CLI's start-up time.
+        import aiohttp
+
+        self._aiohttp = aiohttp
         self.socket_path = socket_path
         self._session: aiohttp.ClientSession | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
+            aiohttp = self._aiohttp
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.UnixConnector(path=self.socket_path),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
@@ -302,7 +309,7 @@ class AsyncClient:
                 if r.content_type == "application/json":
                     return json.loads(raw)
                 return raw
-        except aiohttp.ClientConnectorError as exc:
+        except self._aiohttp.ClientConnectorError as exc:
             raise not_running(self.socket_path, exc.os_error) from None
 
     async def ws_connect(self, path: str) -> aiohttp.ClientWebSocketResponse:
@@ -311,9 +318,9 @@ class AsyncClient:
             return await self.session.ws_connect(
                 "http://corral" + path, max_msg_size=4 * 1024 * 1024, autoping=True
             )
-        except aiohttp.ClientConnectorError as exc:
+        except self._aiohttp.ClientConnectorError as exc:
             raise not_running(self.socket_path, exc.os_error) from None
-        except aiohttp.WSServerHandshakeError as exc:
+        except self._aiohttp.WSServerHandshakeError as exc:
             raise ApiError(f"the daemon refused the connection: HTTP {exc.status}",
                            "see the daemon's log", exc.status) from None
 
