@@ -258,7 +258,8 @@ class Manager:
                 name=name, template=tpl.name, template_json=json.dumps(template_to_dict(tpl)),
                 project=proj, state="creating", reason="",
                 desired="running" if start else "stopped", step="recorded",
-                base_commit=base_commit, created=now_iso())
+                base_commit=base_commit, created=now_iso(),
+                extra_json=json.dumps({"sets": list(sets)}))
             self.emit("agent.created", name, template=tpl.name, project=proj)
             await self.pause_point("recorded")
             await self._finish_create(name)
@@ -531,8 +532,50 @@ class Manager:
         self.store.update_agent(name, keeper_pid=None, keeper_start=None, init_pid=None)
 
     async def restart(self, name: str) -> dict[str, Any]:
+        """Stop, re-read the agent's template (its file may have changed: a new
+        allow-list, limits, services), then start with it. Leases, workspace and
+        home stay. An invalid template keeps the old one, with an event."""
         await self.stop(name)
+        rt = self.rt(name)
+        async with rt.lock:
+            self._refresh_template(name)
         return await self.start(name)
+
+    def _refresh_template(self, name: str) -> Template:
+        row = self.row(name)
+        sets = list(row.extra.get("sets", []))
+        try:
+            tpl = self.registry.get(row.template, sets)
+        except CorralError as e:
+            self.emit("agent.template_kept", name, error=str(e))
+            return self.template_of(row)
+        old_spec = self.spec_of(row)
+        host_ports = {lease.purpose: lease.value for lease in self.store.leases(name, "port")}
+        spec = self.build_spec(name, tpl, old_spec.uid, row.subnet_index, row.project,
+                               host_ports)
+        self.store.update_agent(name, template_json=json.dumps(template_to_dict(tpl)),
+                                spec_json=spec.to_json())
+        self.emit("agent.template_refreshed", name, template=tpl.name)
+        return tpl
+
+    async def reload(self, name: str) -> dict[str, Any]:
+        """Apply the template's current network policy to a running agent, live."""
+        rt = self.rt(name)
+        async with rt.lock:
+            row = self.row(name)
+            if row.state not in ("running", "degraded"):
+                raise Conflict(f"agent {name!r} is {row.state}",
+                               hint="reload changes a running agent; `corral start` it")
+            sets = list(row.extra.get("sets", []))
+            tpl = self.registry.get(row.template, sets)  # TemplateError: nothing changes
+            old = self.template_of(row)
+            merged = replace(old, network=tpl.network)
+            self.store.update_agent(name, template_json=json.dumps(template_to_dict(merged)))
+            if self.network is not None:
+                await self.network.reload(name, merged, self.spec_of(row))
+            self.emit("agent.reloaded", name, allow=[str(e) for e in tpl.network.allow],
+                      egress=tpl.network.egress)
+        return self.inspect(name)
 
     # ------------------------------------------------------------------ remove
     async def remove(self, name: str, force: bool = False, keep_workspace: bool = False) -> None:

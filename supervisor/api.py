@@ -240,6 +240,10 @@ async def restart_agent(request: web.Request) -> web.Response:
     return _json(await _call(_manager(request).restart, request.match_info["name"]))
 
 
+async def reload_agent(request: web.Request) -> web.Response:
+    return _json(await _call(_manager(request).reload, request.match_info["name"]))
+
+
 async def remove_agent(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     await _call(
@@ -624,6 +628,7 @@ def make_app(manager: Any) -> web.Application:
     app.router.add_post(agent + "/start", start_agent)
     app.router.add_post(agent + "/stop", stop_agent)
     app.router.add_post(agent + "/restart", restart_agent)
+    app.router.add_post(agent + "/reload", reload_agent)
     app.router.add_get(agent + "/logs", agent_logs)
     app.router.add_get(agent + "/diff", diff_agent)
     app.router.add_post(agent + "/commit", commit_agent)

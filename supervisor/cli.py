@@ -304,9 +304,19 @@ def stop(ctx: click.Context, name: str, timeout: float | None, as_json: bool) ->
 @json_option
 @click.pass_context
 def restart(ctx: click.Context, name: str, as_json: bool) -> None:
-    """Stop and start an agent."""
+    """Stop and start an agent, with its template re-read (limits, network, services)."""
     result = _opts(ctx).client().restart(_agent(name))
     _emit(ctx, as_json, result, f"{name}: {_state(result)}")
+
+
+@cli.command()
+@click.argument("name")
+@json_option
+@click.pass_context
+def reload(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Apply the template's current network allow-list to a running agent, live."""
+    result = _opts(ctx).client().reload(_agent(name))
+    _emit(ctx, as_json, result, f"{name}: reloaded ({_state(result)})")
 
 
 @cli.command()

@@ -210,6 +210,9 @@ class Client:
     def restart(self, name: str) -> Any:
         return self.call("POST", agent_path(name, "restart"), {})
 
+    def reload(self, name: str) -> Any:
+        return self.call("POST", agent_path(name, "reload"), {})
+
     def remove(self, name: str, force: bool = False, keep_workspace: bool = False) -> Any:
         query = {"force": force, "keep_workspace": keep_workspace}
         return self.call("DELETE", with_query(agent_path(name), query))

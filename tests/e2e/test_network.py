@@ -118,3 +118,24 @@ def test_no_ipv6_inside_by_default(netd: Daemon, project: Path) -> None:
     out = d.cli("exec", "n4", "--", "sh", "-c", "cat /proc/net/if_inet6 2>/dev/null; true",
                 check=True).stdout
     assert "eth0" not in out
+
+
+def test_reload_changes_allow_list_live(netd: Daemon, world: networld.World,
+                                        project: Path) -> None:
+    d = netd
+    d.create("n5", "--template", "netpol", "--project", str(project))
+    before = d.wait_state("n5", ("running",))
+    assert _tcp(d, "n5", world.w3, 7)
+    assert not _tcp(d, "n5", world.w3, 9000)
+    tfile = Path(d.config_path).parent / "templates" / "netpol.yaml"
+    tfile.write_text(tfile.read_text().replace(f"{world.w3}:7", f"{world.w3}:9000"))
+    d.cli("reload", "n5", check=True)
+    assert _tcp(d, "n5", world.w3, 9000)
+    assert not _tcp(d, "n5", world.w3, 7)
+    after = d.json("inspect", "n5")
+    assert after["session"]["pid"] == before["session"]["pid"]
+    # restart re-reads the whole template: a new pids limit applies
+    tfile.write_text(tfile.read_text() + "resources:\n  pids: 77\n")
+    d.cli("restart", "n5", check=True)
+    assert d.wait_state("n5", ("running",))["limits"]["pids"] == 77
+    assert _tcp(d, "n5", world.w3, 9000)
