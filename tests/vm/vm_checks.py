@@ -167,7 +167,17 @@ def inspect(name: str = AGENT) -> dict[str, Any]:
     return info
 
 
+def ensure_daemon() -> None:
+    """Start corral if an earlier check left it down, so each check fails for its own
+    reason (a unit that cannot start fails here with systemd's message)."""
+    if unit_prop("ActiveState") != "active":
+        run("systemctl", "reset-failed", "corral", check=False)
+        systemctl("start", "corral")
+
+
 def running_agent() -> dict[str, Any]:
+    ensure_daemon()
+
     def ready() -> dict[str, Any] | None:
         info = inspect()
         return info if info["state"] == "running" and info["session"]["pid"] else None
@@ -181,6 +191,7 @@ def kv(path: Path) -> dict[str, int]:
 
 
 def agent_cg() -> Path:
+    ensure_daemon()
     return Path(inspect()["cgroup"])
 
 
