@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
 
 import pytest
 
@@ -18,8 +17,7 @@ def uniq() -> str:
 
 
 @pytest.fixture
-def need_root() -> Iterator[None]:
+def need_root() -> None:
     """Integration tests need root; in CI (as root) this never fails, elsewhere it says why."""
     if os.geteuid() != 0:
         pytest.fail("this test needs root: run it through `sudo scripts/test`")
-    yield
