@@ -64,6 +64,26 @@ def _lock_state_dir(state_dir: str) -> int:
     return fd
 
 
+def _vacate_v2_root(root: str) -> None:
+    """Move the delegated unit's own processes (its placeholder) into a
+    `holder` leaf, so controllers can be enabled below it (cgroup v2's
+    no-internal-processes rule). Only ever the processes of that unit."""
+    from sandbox.cgroups import cgroup_mounts
+
+    mount, _ = cgroup_mounts()
+    if mount is None:
+        return
+    top = Path(mount, root.lstrip("/"))
+    if not top.is_dir():
+        raise CorralError(f"cgroup {top} (CORRAL_CGROUP_ROOT) does not exist",
+                          hint="is corral-agents.service running? (systemctl start corral)")
+    holder = top / "holder"
+    for pid in (top / "cgroup.procs").read_text().split():
+        holder.mkdir(exist_ok=True)
+        with contextlib.suppress(ProcessLookupError, OSError):
+            (holder / "cgroup.procs").write_text(pid)
+
+
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -81,8 +101,14 @@ class Daemon:
         store = Store.open(f"{cfg.state_dir}/state.db")
         scope = scope_of(cfg.state_dir)
         own = read_proc_cgroup("self")
+        root = os.environ.get("CORRAL_CGROUP_ROOT")
+        if root:
+            # Under systemd: agents live in corral-agents.service's delegated
+            # subtree, not below our own unit (see systemd/corral-agents.service).
+            own = {**own, "": root}
+            _vacate_v2_root(root)
         cg = detect(cfg.cgroup_parent or f"corral-{scope}", own=own)
-        if cg.version == "v2":
+        if cg.version == "v2" and not root:
             cg.enter_leaf("supervisor")
         bus = EventBus(store, [(n.webhook, n.events) for n in cfg.notifications])
         from supervisor.agents import Manager

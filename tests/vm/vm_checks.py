@@ -97,6 +97,8 @@ def test_tmpfiles_entry() -> None:
 
 CORRAL = "/usr/local/bin/corral"  # scripts/install's symlink, as users call it
 SERVICE_CG = "/system.slice/corral.service"
+# Agents live in their own delegated unit, so the daemon's unit can restart.
+AGENTS_CG = "/system.slice/corral-agents.service"
 AGENT = "vmlim"
 PROJECT = Path("/srv/vm-project")
 # Small limits so the kernel's enforcement shows quickly even under TCG.
@@ -218,14 +220,15 @@ def test_status_names_cgroup_v2() -> None:
 
 
 def in_supervisor_leaf(pid: int) -> bool:
-    cg = cgroup_of(pid)
-    return cg.startswith(f"{SERVICE_CG}/") and cg.endswith("/supervisor")
+    """The daemon stays in its own unit's cgroup, which never holds agents."""
+    return cgroup_of(pid) == SERVICE_CG
 
 
 def test_daemon_runs_in_its_supervisor_leaf() -> None:
-    # cgroup v2's no-internal-processes rule: the daemon leaves the unit's root.
+    # The daemon's unit is a plain leaf (systemd can always start it again);
+    # the agents' unit holds no process at its top (no-internal-processes rule).
     assert in_supervisor_leaf(main_pid()), cgroup_of(main_pid())
-    assert (CGROOT / SERVICE_CG.lstrip("/") / "cgroup.procs").read_text() == ""
+    assert (CGROOT / AGENTS_CG.lstrip("/") / "cgroup.procs").read_text() == ""
 
 
 def test_create_agent_with_limits() -> None:
@@ -241,7 +244,7 @@ def test_create_agent_with_limits() -> None:
 
 def test_agent_cgroup_has_the_limits() -> None:
     cg = agent_cg()
-    assert str(cg).startswith(f"/sys/fs/cgroup{SERVICE_CG}/"), cg
+    assert str(cg).startswith(f"/sys/fs/cgroup{AGENTS_CG}/"), cg
     assert int((cg / "memory.max").read_text()) == MEMORY
     assert (cg / "memory.swap.max").read_text().strip() == "0"
     assert int((cg / "pids.max").read_text()) == PIDS
@@ -251,18 +254,18 @@ def test_agent_cgroup_has_the_limits() -> None:
 
 def test_corral_cgroups_only_inside_its_delegated_subtree() -> None:
     info = inspect()
-    inside = f"{SERVICE_CG}/"
+    inside = f"{AGENTS_CG}/"
     for pid in (info["session"]["pid"], info["session"]["keeper_pid"]):
         assert cgroup_of(pid).startswith(inside), (pid, cgroup_of(pid))
     strays = []
     for d, dirs, _ in os.walk(CGROOT):
         rel = d[len(str(CGROOT)):]
-        if rel.startswith(SERVICE_CG):
+        if rel in (SERVICE_CG, AGENTS_CG) or rel.startswith(AGENTS_CG + "/"):
             dirs.clear()
             continue
         if "corral" in rel.split("/")[-1] or AGENT in rel:
             strays.append(rel)
-    assert not strays, f"corral cgroups outside {SERVICE_CG}: {strays}"
+    assert not strays, f"corral cgroups outside {AGENTS_CG}: {strays}"
 
 
 def test_memory_max_oom_kills_inside_the_agent_only() -> None:
