@@ -488,6 +488,13 @@ def _enter_child(argv: Sequence[str], env: Mapping[str, str], cwd: str, uid: int
                  ctty: bool, ns: list[tuple[int, int]], procs: list[int]) -> NoReturn:
     step = "join cgroup"
     try:
+        # Not the daemon's OOM protection (OOMScoreAdjust=-500): agent processes
+        # get the default score.
+        adj = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+        try:
+            os.write(adj, b"0")
+        finally:
+            os.close(adj)
         for fd in procs:
             os.write(fd, b"0")  # "0" = the writing process, v1 and v2 alike
             os.close(fd)

@@ -340,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=24)
     args = ap.parse_args(argv)
 
+    # The daemon runs protected from the OOM killer (OOMScoreAdjust=-500);
+    # agents must not inherit that: back to the default for us and our children.
+    with contextlib.suppress(OSError):
+        Path("/proc/self/oom_score_adj").write_text("0")
     # The daemon's death must not take us along: ignore the signals a closing
     # terminal or process group would deliver.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
