@@ -217,7 +217,22 @@ class Template:
 
 
 def parse_allow_entry(text: str) -> AllowEntry:
-    """Parse "host[:port]", "IP[:port]", "[IPv6]:port", "CIDR[:port]" or "*.suffix[:port]"."""
+    """Parse "host[:port]", "IP[:port]", "[IPv6]:port", "CIDR[:port]" or "*.suffix[:port]".
+
+    Stricter than the enforcement layer's parser (sandbox.nft), and checked
+    against it too: a template that validates can always be enforced.
+    """
+    entry = _parse_allow_entry(text)
+    from sandbox import nft
+
+    try:
+        nft.parse_allow_entry(text)
+    except CorralError as exc:
+        raise ValueError(str(exc)) from None
+    return entry
+
+
+def _parse_allow_entry(text: str) -> AllowEntry:
     if not isinstance(text, str) or not text or text != text.strip():
         raise ValueError(f"expected host[:port], IP/CIDR[:port] or *.suffix[:port], got {text!r}")
     host, port = text, None

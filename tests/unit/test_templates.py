@@ -715,3 +715,13 @@ def test_parse_duration(text: str | float, s: float) -> None:
 def test_parse_duration_errors(text: object) -> None:
     with pytest.raises(ValueError, match=r"."):
         parse_duration(text)  # type: ignore[arg-type]
+
+
+def test_allow_entries_the_enforcer_refuses_are_refused_at_validation() -> None:
+    """What validates must be enforceable: host bits in a network are refused
+    by sandbox.nft, so the template refuses them too (not at start time)."""
+    from supervisor.templates import parse_allow_entry
+
+    with pytest.raises(ValueError, match="host bits"):
+        parse_allow_entry("10.0.0.1/8")
+    assert parse_allow_entry("10.0.0.0/8").kind == "cidr"
