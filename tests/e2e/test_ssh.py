@@ -212,3 +212,25 @@ def test_same_host_key_after_daemon_restart(team: Team) -> None:
                         "-o", "StrictHostKeyChecking=yes", "web@127.0.0.1", "true"],
                        capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_late_joiner_sees_a_full_screen_program(team: Team, tmux: Tmux, uniq: str) -> None:
+    team.add("alice", "web", "collaborator")
+    team.add("cole", "web", "collaborator")
+    team.d.cli("exec", "web", "--", "sh", "-c",
+               f"printf 'line one {uniq}\\nline two\\n' > /workspace/notes.txt", check=True)
+    tmux.new("a", team.ssh_cmdline("alice", "web"))
+    time.sleep(2)
+    tmux.keys("a", "vi /workspace/notes.txt", "Enter")
+    tmux.wait_for("a", f"line one {uniq}")
+    # the editor's screen (text at the top, "~" filler lines, status line)
+    # is repainted for a newcomer from the screen model, not replayed
+    tmux.new("late", team.ssh_cmdline("cole", "web"))
+    screen = tmux.wait_for("late", f"line one {uniq}")
+    lines = screen.splitlines()
+    assert lines[0].startswith(f"line one {uniq}"), screen
+    assert sum(1 for ln in lines if ln.strip() == "~") >= 5, screen
+    # and both keep typing into the same editor
+    tmux.keys("late", "Go", f"added-{uniq}", "Escape")
+    tmux.wait_for("a", f"added-{uniq}")
+    tmux.keys("a", ":q!", "Enter")
