@@ -424,8 +424,15 @@ class Manager:
         p = self.paths(name)
 
         def on_exit(status: int | None) -> None:
-            if not rt.stopping:
-                self.spawn(self._agent_exited(name, status), f"agent-exited-{name}")
+            if rt.stopping:
+                return
+            row = self.store.get_agent(name)
+            if status is None and row is not None and self._keeper_alive(row):
+                # Our connection broke (e.g. the keeper dropped us as too slow)
+                # but the agent lives on: reconnect, do not declare it dead.
+                self.spawn(self._reconnect_hub(name), f"hub-reconnect-{name}")
+                return
+            self.spawn(self._agent_exited(name, status), f"agent-exited-{name}")
 
         def on_client(what: str, client: SessionClient) -> None:
             self.emit(f"session.{what}", name, user=client.user, role=client.role)
@@ -433,6 +440,23 @@ class Manager:
         hub = SessionHub(name, p.keeper_socket, on_exit=on_exit, on_client=on_client)
         await hub.connect()
         rt.hub = hub
+
+    async def _reconnect_hub(self, name: str) -> None:
+        rt = self.rt(name)
+        old = rt.hub
+        rt.hub = None
+        if old is not None:
+            await old.close()
+        for _ in range(50):
+            try:
+                await self._connect_hub(name)
+                self.emit("session.reconnected", name)
+                return
+            except (OSError, TimeoutError):
+                await asyncio.sleep(0.2)
+        row = self.store.get_agent(name)
+        if row is not None and not self._keeper_alive(row):
+            await self._agent_exited(name, None)
 
     async def _agent_exited(self, name: str, status: int | None) -> None:
         """The session ended by itself (or the keeper died) while we watched."""

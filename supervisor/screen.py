@@ -5,10 +5,10 @@ bytes (which garbles full-screen programs). We feed the session's output into a
 pyte screen and, on attach, render that screen back as a compact ANSI repaint.
 
 Feeding pyte is the expensive part (pure Python), so output is queued raw and
-only parsed when a snapshot is needed or the queue grows; if an agent floods
-its terminal, older queued output is discarded and the screen rebuilt from the
-newest tail — the final screen of a flood is decided by its last bytes, and the
-daemon's CPU stays bounded.
+only parsed when a snapshot is needed; if more than FLOOD_AT bytes wait, older
+queued output is discarded and the screen rebuilt from the newest tail — the
+final screen of a flood is decided by its last bytes, and the daemon's CPU
+stays bounded whatever the agent prints.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from __future__ import annotations
 import pyte
 import pyte.graphics
 
-#: Parse queued output once this much is waiting.
-FEED_AT = 256 * 1024
 #: Beyond this much unparsed output, only the newest TAIL bytes are parsed.
 FLOOD_AT = 2 * 1024 * 1024
 TAIL = 256 * 1024
@@ -69,17 +67,23 @@ class ScreenModel:
         self.stream = pyte.ByteStream(self.screen)
         self._pending: list[bytes] = []
         self._pending_size = 0
+        self._reset = False
 
     @property
     def size(self) -> tuple[int, int]:
         return self.screen.columns, self.screen.lines
 
     def feed(self, data: bytes) -> None:
+        """Queue output; parsing waits for a snapshot, so a flood costs only
+        appends here (the hub must keep up with the keeper, or it is dropped)."""
         self._pending.append(data)
         self._pending_size += len(data)
-        many = self._pending_size >= FEED_AT and len(self._pending) > 1
-        if self._pending_size >= FLOOD_AT or many:
-            self._flush()
+        if self._pending_size >= FLOOD_AT:
+            # Keep only the newest TAIL bytes; the screen is rebuilt from them.
+            tail = b"".join(self._pending)[-TAIL:]
+            self._pending = [tail]
+            self._pending_size = len(tail)
+            self._reset = True
 
     def _flush(self) -> None:
         if not self._pending:
@@ -87,10 +91,10 @@ class ScreenModel:
         data = b"".join(self._pending)
         self._pending.clear()
         self._pending_size = 0
-        if len(data) > FLOOD_AT:
-            # A flood: start from a clean screen and keep only the tail.
+        if self._reset:
+            # After a flood: start from a clean screen, parse only the tail.
             self.screen.reset()
-            data = data[-TAIL:]
+            self._reset = False
         self.stream.feed(data)
 
     def resize(self, cols: int, rows: int) -> None:

@@ -171,3 +171,28 @@ def test_services_start_before_the_session(daemon: Daemon, project: Path) -> Non
     while "SERVICE-UP-FIRST" not in daemon.cli("logs", "sf").stdout:
         assert time.monotonic() < deadline, daemon.cli("logs", "sf").stdout
         time.sleep(0.3)
+
+
+def test_flooding_the_terminal_does_not_hurt_the_agent(daemon: Daemon, project: Path,
+                                                       tmux: Tmux, uniq: str) -> None:
+    """THREATS.md: an agent flooding its terminal never blocks it or the
+    daemon, and never grows the daemon's memory without bound."""
+    daemon.create("fl", "--template", "default", "--project", str(project))
+    info = daemon.wait_state("fl", ("running",))
+    tmux.new("a", _attach_cmd(daemon, "fl"))
+    time.sleep(1)
+    tmux.keys("a", "head -c 60000000 /dev/zero | tr '\\0' x | fold -w 200; "
+                   f"echo FLOOD''DONE-{uniq}", "Enter")
+    deadline = time.monotonic() + 180
+    while f"FLOODDONE-{uniq}" not in daemon.cli("logs", "fl", "--tail", "3").stdout:
+        assert time.monotonic() < deadline, "the flood never finished"
+        time.sleep(1)
+    after = daemon.json("inspect", "fl")
+    assert after["state"] == "running"
+    assert after["session"]["pid"] == info["session"]["pid"]
+    # a newcomer still gets the current screen, and the daemon stayed small
+    tmux.new("b", _attach_cmd(daemon, "fl"))
+    tmux.wait_for("b", f"FLOODDONE-{uniq}")
+    rss = int(Path(f"/proc/{daemon.json('status')['pid']}/status").read_text()
+              .split("VmRSS:")[1].split()[0])
+    assert rss < 400 * 1024, f"daemon RSS {rss} kB after the flood"
