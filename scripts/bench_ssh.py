@@ -1,0 +1,271 @@
+#!/usr/bin/env python3
+"""SSH benchmark (issue 4): corral's SSH server against OpenSSH's own sshd and
+tmux, in the same run.
+
+1. Login latency: `ssh -p PORT NAME@127.0.0.1 true` against the daemon vs
+   `ssh -p PORT2 root@127.0.0.1 true` against a throwaway OpenSSH sshd on a
+   loopback port, interleaved, p50/p95 and the ratio (target ≤ 1.5 at p50).
+   The sshd binary comes from Debian's openssh-server package, downloaded and
+   unpacked into a temp dir (not installed: installing it would start a system
+   sshd); it runs in a private mount namespace where /etc/passwd gains its
+   privilege-separation user, so the host is not touched.
+2. Session output throughput to 1 and 5 attached clients: the session prints
+   a fixed amount of output; time until every client has read all of it,
+   corral (clients: `ssh -tt`) vs tmux (clients: `tmux attach`), each client
+   on its own pty (target ≥ tmux's).
+
+Run as root: `sudo .venv/bin/python scripts/bench_ssh.py [--runs 30] [--mbytes 20]`.
+Everything it creates (daemon, agent, sshd, tmux server, temp dirs) is removed
+at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import pty
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.e2e.conftest import Daemon, _hard_cleanup, free_port, make_daemon  # noqa: E402
+
+SSH_OPTS = ["-F", "/dev/null", "-o", "StrictHostKeyChecking=no", "-o",
+            "UserKnownHostsFile=/dev/null", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+            "-o", "LogLevel=ERROR"]
+
+
+def pct(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
+
+
+@contextlib.contextmanager
+def throwaway_sshd(tmp: Path, key: Path) -> Iterator[int]:
+    deb_dir = tmp / "deb"
+    deb_dir.mkdir()
+    subprocess.run(["apt-get", "download", "-q", "openssh-server"], cwd=deb_dir, check=True,
+                   capture_output=True)
+    deb = next(deb_dir.glob("openssh-server_*.deb"))
+    root = tmp / "sshd-root"
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    port = free_port()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / "hostkey")],
+                   check=True)
+    (tmp / "authorized_keys").write_text(Path(f"{key}.pub").read_text())
+    cfg = tmp / "sshd_config"
+    cfg.write_text(f"Port {port}\nListenAddress 127.0.0.1\nHostKey {tmp}/hostkey\n"
+                   f"AuthorizedKeysFile {tmp}/authorized_keys\nPermitRootLogin prohibit-password\n"
+                   f"PidFile {tmp}/sshd.pid\nUsePAM no\nStrictModes no\n"
+                   "PasswordAuthentication no\nKbdInteractiveAuthentication no\n")
+    passwd = tmp / "passwd"
+    passwd.write_text(Path("/etc/passwd").read_text()
+                      + "sshd:x:65534:65534::/run/sshd:/usr/sbin/nologin\n")
+    script = (f"mount --bind {passwd} /etc/passwd && mount -t tmpfs tmpfs /run && "
+              f"mkdir -m 0755 /run/sshd && exec {root}/usr/sbin/sshd -D -e -f {cfg}")
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                            stdout=subprocess.DEVNULL, stderr=(tmp / "sshd.log").open("wb"))
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            r = subprocess.run(["ssh", "-p", str(port), *SSH_OPTS, "-i", str(key),
+                                "root@127.0.0.1", "true"], capture_output=True, timeout=30)
+            if r.returncode == 0:
+                break
+            time.sleep(0.3)
+        else:
+            raise RuntimeError(f"throwaway sshd did not answer: {(tmp / 'sshd.log').read_text()}")
+        yield port
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def login_latency(d: Daemon, key: Path, sshd_port: int, runs: int) -> list[str]:
+    corral_t: list[float] = []
+    sshd_t: list[float] = []
+    for _ in range(runs):
+        for port, user, out in ((d.ssh_port, "bench", corral_t), (sshd_port, "root", sshd_t)):
+            t = time.perf_counter()
+            subprocess.run(["ssh", "-p", str(port), *SSH_OPTS, "-i", str(key),
+                            f"{user}@127.0.0.1", "true"], check=True, capture_output=True,
+                           timeout=60)
+            out.append((time.perf_counter() - t) * 1000)
+    rows = ["| ssh … true | p50 ms | p95 ms |", "|---|---:|---:|",
+            f"| corral | {pct(corral_t, 50):.0f} | {pct(corral_t, 95):.0f} |",
+            f"| OpenSSH sshd | {pct(sshd_t, 50):.0f} | {pct(sshd_t, 95):.0f} |",
+            f"| ratio corral / sshd | {pct(corral_t, 50) / pct(sshd_t, 50):.2f} | |"]
+    return rows
+
+
+class PtyClient:
+    """A client command on its own pty; counts what it reads until a marker."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:
+            os.execvp(argv[0], argv)  # noqa: S606 - fixed argv, no shell
+        self.buf = bytearray()
+
+    def drain(self, marker: bytes, deadline: float) -> bool:
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([self.fd], [], [], 0.2)
+            if r:
+                try:
+                    data = os.read(self.fd, 1 << 16)
+                except OSError:
+                    return False
+                self.buf += data
+                if marker in self.buf[-4096:]:
+                    return True
+                if len(self.buf) > 8192:
+                    del self.buf[:-4096]
+        return False
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+        os.close(self.fd)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--mbytes", type=int, default=20)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench_ssh: needs root", file=sys.stderr)
+        return 1
+    tmp = Path(tempfile.mkdtemp(prefix="corral-bench-ssh-"))
+    uniq = "b" + os.urandom(3).hex()[:5]
+    d = make_daemon(tmp, uniq)
+    tmux_sock = f"corral-bench-{uniq}"
+    out = [f"# SSH benchmark — {platform.node()}, {platform.platform()}, {os.cpu_count()} CPUs, "
+           f"load {os.getloadavg()[0]:.1f}\n",
+           f"Command: `sudo .venv/bin/python scripts/bench_ssh.py --runs {args.runs} "
+           f"--mbytes {args.mbytes}`\n"]
+    try:
+        d.start()
+        proj = tmp / "project"
+        proj.mkdir()
+        d.create("bench", "--template", "default", "--project", str(proj))
+        d.wait_state("bench", ("running",))
+        key = tmp / "key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                       check=True)
+        d.cli("user", "add", "bencher", "--key", f"{key}.pub", check=True)
+        d.cli("grant", "bench", "bencher", "--role", "collaborator", check=True)
+        with throwaway_sshd(tmp, key) as sshd_port:
+            out += login_latency(d, key, sshd_port, args.runs)
+        out.append("")
+        out += [f"| session output, {args.mbytes} MB, to N clients | corral s | tmux s |",
+                "|---|---:|---:|"]
+        subprocess.run(["tmux", "-L", tmux_sock, "new-session", "-d", "-x", "120", "-y", "40",
+                        "bash --norc"], check=True)
+        ssh_client = ["ssh", "-tt", "-p", str(d.ssh_port), *SSH_OPTS, "-i", str(key),
+                      "bench@127.0.0.1"]
+        tmux_client = ["tmux", "-L", tmux_sock, "attach"]
+        for n in (1, 5):
+            # corral: the command is typed through one more collaborator's stdin
+            feeder = subprocess.Popen(ssh_client, stdin=subprocess.PIPE,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            assert feeder.stdin is not None
+            fin = feeder.stdin
+
+            def corral_send(text: str, fin: IO[bytes] = fin) -> None:
+                fin.write(text.encode())
+                fin.flush()
+
+            def tmux_send(text: str) -> None:
+                keys = ["Enter"] if text == "\r" else ["-l", text]
+                subprocess.run(["tmux", "-L", tmux_sock, "send-keys", *keys], check=True)
+
+            t_corral = _timed(lambda n=n: _fanout_with([ssh_client] * n, corral_send,  # type: ignore[misc]
+                                                       args.mbytes, f"c{n}"))
+            feeder.kill()
+            feeder.wait()
+            t_tmux = _timed(lambda n=n: _fanout_with([tmux_client] * n,  # type: ignore[misc]
+                                                     tmux_send, args.mbytes, f"t{n}"))
+            out.append(f"| {n} | {t_corral} | {t_tmux} |")
+    finally:
+        subprocess.run(["tmux", "-L", tmux_sock, "kill-server"], capture_output=True)
+        if d.proc is not None:
+            with contextlib.suppress(Exception):
+                d.cli("rm", "--force", "bench", timeout=60)
+            d.stop()
+        d.created.append("bench")
+        _hard_cleanup(d)
+        shutil.rmtree(tmp, ignore_errors=True)
+    text = "\n".join(out) + "\n"
+    print(text)
+    (REPO / "docs" / "bench-ssh.md").write_text(text)
+    return 0
+
+
+def _timed(fn: Callable[[], float]) -> str:
+    """Seconds, or why there is no number (corral drops a client that cannot
+    keep up instead of slowing the agent: THREATS.md)."""
+    try:
+        return f"{fn():.2f}"
+    except RuntimeError as e:
+        return f"n/a ({e})"
+
+
+def _fanout_with(clients_argv: list[list[str]], send: Callable[[str], None], mbytes: int,
+                 tag: str) -> float:
+    clients = [PtyClient(a) for a in clients_argv]
+    try:
+        time.sleep(2)
+        for c in clients:
+            c.drain(b"\x00never", time.monotonic() + 0.5)
+        marker = f"END{tag}{os.getpid()}"
+        cmd = (f"head -c {mbytes * 1024 * 1024} /dev/zero | tr '\\0' 'x' | fold -w 100; "
+               f"echo END''{tag}{os.getpid()}")
+        t = time.perf_counter()
+        send(cmd)
+        send("\r")
+        # Read every client at once, as real terminals do (one that stops
+        # reading is dropped by design, which is not what is measured here).
+        deadline = time.monotonic() + 600
+        done: set[int] = set()
+        mark = marker.encode()
+        while len(done) < len(clients):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{tag}: {len(clients) - len(done)} clients never saw the end")
+            ready, _, _ = select.select([c.fd for c in clients if c.fd not in done], [], [], 0.5)
+            for c in clients:
+                if c.fd in ready:
+                    try:
+                        data = os.read(c.fd, 1 << 16)
+                    except OSError:
+                        raise RuntimeError(f"{tag}: a client was disconnected") from None
+                    c.buf += data
+                    if mark in c.buf[-4096:]:
+                        done.add(c.fd)
+                    if len(c.buf) > 8192:
+                        del c.buf[:-4096]
+        return time.perf_counter() - t
+    finally:
+        for c in clients:
+            c.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
