@@ -30,7 +30,7 @@ import struct
 import sys
 import termios
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -69,6 +69,18 @@ STEPS = ("recorded", "leased", "prepared", "keeper", "running", "stopping", "rel
 PKG_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
+async def _read_line(fd: int) -> bytes:
+    """One line from a pipe (a keeper's ready line), or b"" at EOF; closes fd."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", 0))
+    try:
+        return await reader.readline()
+    finally:
+        transport.close()
+
+
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -80,7 +92,6 @@ class Runtime:
     name: str
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     hub: SessionHub | None = None
-    keeper_proc: asyncio.subprocess.Process | None = None
     stopping: bool = False
     cpu_sample: tuple[float, int] | None = None
     services: Any = None  # supervisor.services.ServiceSet once started
@@ -103,6 +114,7 @@ class Manager:
         self.network: Any = None  # supervisor.netpolicy.NetPolicy, set by the daemon
         self.started = time.time()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.zygote: Any = None  # supervisor.zygote.Zygote, the keeper fork server
 
     # ------------------------------------------------------------------ helpers
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
@@ -340,7 +352,10 @@ class Manager:
         # Traversable (not listable) by the agent's uid: its home lives below.
         Path(p.state).chmod(0o711)
         t0 = time.monotonic()
-        await asyncio.to_thread(lifecycle.prepare, spec, self.cg)
+        # The keeper's own cgroup (a v1 prepare costs milliseconds per
+        # hierarchy) is made alongside the sandbox, off the keeper's start.
+        await asyncio.gather(asyncio.to_thread(lifecycle.prepare, spec, self.cg),
+                             asyncio.to_thread(self._prepare_keeper_cgroup, name))
         t1 = time.monotonic()
         if self.network is not None and spec.network is not None:
             await self.network.add_agent(name, spec, self.template_of(row))
@@ -370,38 +385,20 @@ class Manager:
         Path(p.spec_file).write_text(spec.to_json())
         with contextlib.suppress(FileNotFoundError):
             Path(p.exit_file).unlink()
-        err = Path(p.keeper_err).open("ab")  # noqa: SIM115 - handed to the child
-        try:
-            # -S: no site processing (.pth files, site-packages scan) on the
-            # create path; PYTHONPATH names everything the keeper imports, this
-            # package's root first (an editable install finds it through a .pth).
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-S", "-m", "supervisor.keeper", "--spec", p.spec_file,
-                "--socket", p.keeper_socket, "--log", p.session_log, "--status", p.exit_file,
-                "--cgroup-parent", self.cgroup_parent,
-                "--cgroup-own", json.dumps(self.own_cgroups),
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=err, start_new_session=True, cwd="/",
-                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                     "PYTHONPATH": os.pathsep.join([PKG_ROOT, *sys.path])})
-        finally:
-            err.close()
-        rt = self.rt(name)
-        rt.keeper_proc = proc
+        argv = ["--spec", p.spec_file, "--socket", p.keeper_socket, "--log", p.session_log,
+                "--status", p.exit_file, "--cgroup-parent", self.cgroup_parent,
+                "--cgroup-own", json.dumps(self.own_cgroups)]
+        pid, ready = await self._fork_keeper(argv, p.keeper_err)
         # The keeper lives in its own cgroup so reconcile can prove its
         # identity by membership, and so it survives the daemon's cgroup.
-        keeper_cg = f"keepers/{name}"
         with contextlib.suppress(CorralError, OSError):
-            from sandbox.spec import Limits
-            self.cg.prepare(keeper_cg, Limits(swap_bytes=None))
-            self.cg.add(keeper_cg, proc.pid)
-        log.debug("[agent=%s] keeper %d spawned", name, proc.pid)
-        assert proc.stdout is not None  # noqa: S101 - PIPE above
+            self.cg.add(f"keepers/{name}", pid)
+        log.debug("[agent=%s] keeper %d spawned", name, pid)
         try:
-            line = await asyncio.wait_for(proc.stdout.readline(), 30)
+            line = await asyncio.wait_for(ready, 30)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+                os.kill(pid, signal.SIGKILL)
             raise CorralError(f"keeper for {name} did not start within 30 s",
                               hint=f"see {p.keeper_err}") from None
         try:
@@ -412,12 +409,60 @@ class Manager:
             msg = info.get("error") or _tail(p.keeper_err) or "keeper exited"
             raise CorralError(f"sandbox for {name} failed to start: {msg}",
                               hint=info.get("hint", ""))
-        kstart = psutil.Process(proc.pid).create_time()
-        self.store.update_agent(name, keeper_pid=proc.pid, keeper_start=kstart,
+        kstart = psutil.Process(pid).create_time()
+        self.store.update_agent(name, keeper_pid=pid, keeper_start=kstart,
                                 init_pid=info["init_pid"])
-        self.spawn(proc.wait(), f"keeper-reap-{name}")
         log.debug("[agent=%s] keeper ready: init %d", name, info["init_pid"])
         await self._connect_hub(name)
+
+    def _prepare_keeper_cgroup(self, name: str) -> None:
+        with contextlib.suppress(CorralError, OSError):
+            from sandbox.spec import Limits
+            self.cg.prepare(f"keepers/{name}", Limits(swap_bytes=None))
+
+    def _keeper_server(self) -> Any:
+        """The keeper fork server (supervisor.zygote), created on first use."""
+        if self.zygote is None:
+            from supervisor.zygote import Zygote
+            # -S (both for the server and a fallback keeper): no site processing
+            # (.pth files, site-packages scan); PYTHONPATH names everything the
+            # keeper imports, this package's root first (an editable install
+            # finds it through a .pth).
+            self.zygote = Zygote({"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                                  "PYTHONPATH": os.pathsep.join([PKG_ROOT, *sys.path])})
+        return self.zygote
+
+    async def _fork_keeper(self, argv: list[str],
+                           err_path: str) -> tuple[int, Awaitable[bytes]]:
+        """Start a keeper with `argv`; returns its pid and its ready line (awaitable).
+
+        Through the fork server when it works (no interpreter start or imports
+        on the create path), else as a new `python -S -m supervisor.keeper`.
+        Either way the keeper is in a session of its own, stdin is /dev/null,
+        stdout is a pipe to us (the ready line), stderr appends to err_path.
+        """
+        zygote = self._keeper_server()
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        err = os.open(err_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            from supervisor.zygote import ZygoteError
+            try:
+                pid = await zygote.spawn(argv, wfd, err)
+            except ZygoteError as e:
+                log.warning("keeper fork server unavailable (%s): starting a keeper process", e)
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-S", "-m", "supervisor.keeper", *argv,
+                    stdin=asyncio.subprocess.DEVNULL, stdout=wfd, stderr=err,
+                    start_new_session=True, cwd="/", env=zygote.env)
+                pid = proc.pid
+                self.spawn(proc.wait(), f"keeper-reap-{pid}")
+        except BaseException:
+            os.close(rfd)
+            raise
+        finally:
+            os.close(wfd)
+            os.close(err)
+        return pid, _read_line(rfd)
 
     async def _connect_hub(self, name: str) -> None:
         rt = self.rt(name)
@@ -660,6 +705,12 @@ class Manager:
         """Drive every stored agent to its recorded intent after a (re)start."""
         rows = self.store.list_agents()
         await asyncio.gather(*(self._reconcile_one(r.name) for r in rows))
+        # Warm the keeper fork server now, so the first create does not wait for its imports.
+        from supervisor.zygote import ZygoteError
+        try:
+            self._keeper_server().start()
+        except ZygoteError as e:
+            log.warning("%s: keepers will start as new processes", e)
 
     async def _reconcile_one(self, name: str) -> None:
         rt = self.rt(name)
@@ -778,6 +829,8 @@ class Manager:
                 await rt.hub.close()
         for t in list(self._tasks):
             t.cancel()
+        if self.zygote is not None:
+            self.zygote.close()
 
     # ------------------------------------------------------------------ views
     def _usage(self, name: str, spec: SandboxSpec | None, running: bool) -> dict[str, Any]:

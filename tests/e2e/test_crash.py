@@ -3,11 +3,13 @@ lost and nothing leaks (THREATS.md, "The daemon itself")."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.e2e.conftest import CORRAL, Daemon
@@ -72,3 +74,35 @@ def test_kill_during_remove_finishes_it(daemon: Daemon, project: Path) -> None:
         time.sleep(0.2)
     assert not Path(info["workspace"]["path"]).exists()
     assert not daemon.leftovers(), daemon.leftovers()
+
+
+def _fork_servers(daemon_pid: int) -> list[psutil.Process]:
+    return [c for c in psutil.Process(daemon_pid).children()
+            if "supervisor.zygote" in " ".join(c.cmdline())]
+
+
+def test_keepers_come_from_the_fork_server_which_dies_with_the_daemon(
+        daemon: Daemon, project: Path) -> None:
+    assert daemon.proc is not None
+    daemon.create("k4", "--template", "default", "--project", str(project))
+    info = daemon.wait_state("k4", ("running",))
+    servers = _fork_servers(daemon.proc.pid)
+    assert len(servers) == 1, daemon.log()
+    keeper = psutil.Process(info["session"]["pid"]).parent()
+    assert keeper is not None
+    assert keeper.ppid() == servers[0].pid  # forked by the server, not a new interpreter
+    assert "supervisor.keeper" in " ".join(keeper.cmdline())  # re-exec'd into the lean loop
+    daemon.stop(signal.SIGKILL)
+    servers[0].wait(10)  # gone with the daemon (psutil raises TimeoutExpired otherwise)
+    assert keeper.is_running()  # the agent is not
+    daemon.start()
+    daemon.wait_state("k4", ("running",))
+    assert daemon.cli("exec", "k4", "--", "true").returncode == 0
+    # A fork server that died is replaced: the next create still works.
+    assert daemon.proc is not None
+    for s in _fork_servers(daemon.proc.pid):
+        os.kill(s.pid, signal.SIGKILL)  # started by our daemon
+    daemon.create("k5", "--template", "default", "--project", str(project))
+    daemon.wait_state("k5", ("running",))
+    assert len(_fork_servers(daemon.proc.pid)) == 1
+    assert daemon.cli("exec", "k5", "--", "true").returncode == 0
