@@ -2,9 +2,10 @@
 
 Mechanism: the rules live in the host's network namespace, on the host side of
 each agent's veth, where the agent (no capabilities, its own netns) cannot touch
-them. Every change is one nft transaction (`nft -f -`), so a reload of an
-agent's allow-list replaces its elements atomically: there is no instant where
-the agent is unfiltered or half-filtered.
+them. Every change is one nft transaction (one libnftables command buffer,
+in process; see "running nft" below), so a reload of an agent's allow-list
+replaces its elements atomically: there is no instant where the agent is
+unfiltered or half-filtered.
 
 Layout of table ``inet corral_<scope>`` (scope is a short id chosen by the
 daemon so that two daemons, or tests, never share a table). The rules are
@@ -69,12 +70,15 @@ and is not masqueraded (it needs routable addresses).
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import json
 import logging
+import os
 import re
 import secrets
 import subprocess
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -641,23 +645,106 @@ def parse_state(items: Iterable[dict[str, Any]]) -> TableState:
 
 
 # --- running nft ---------------------------------------------------------------
+#
+# In process through libnftables (what the `nft` binary itself links to): a
+# fork of the ~80 MB daemon per nft call cost 4-8 ms, a libnftables call on a
+# fresh context well under 1 ms. The `nft` binary stays as the fallback where
+# the library cannot be loaded.
+
+#: nft_ctx_output_set_flags: NFT_CTX_OUTPUT_JSON (libnftables.h).
+_OUTPUT_JSON = 1 << 4
 
 
-def _nft(args: Sequence[str], stdin: str | None = None) -> str:
+class _LibNft:
+    """libnftables through ctypes: one fresh context per command, calls serialized.
+
+    A fresh context per command (50 us) carries no cache from one command to
+    the next, so nothing we read can be stale (set elements time out and the
+    packet path adds to the denied sets without bumping the ruleset
+    generation). The lock: the library initialises globals on first use and a
+    context is not thread-safe; the daemon calls in from worker threads.
+    """
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        vp, cp = ctypes.c_void_p, ctypes.c_char_p
+        for fn, res, args in (
+            ("nft_ctx_new", vp, [ctypes.c_uint32]),
+            ("nft_ctx_free", None, [vp]),
+            ("nft_ctx_buffer_output", ctypes.c_int, [vp]),
+            ("nft_ctx_buffer_error", ctypes.c_int, [vp]),
+            ("nft_ctx_get_output_buffer", cp, [vp]),
+            ("nft_ctx_get_error_buffer", cp, [vp]),
+            ("nft_ctx_output_set_flags", None, [vp, ctypes.c_uint]),
+            ("nft_run_cmd_from_buffer", ctypes.c_int, [vp, cp]),
+        ):
+            f = getattr(lib, fn)
+            f.restype, f.argtypes = res, args
+        self.lib = lib
+        self.lock = threading.Lock()
+
+    def run(self, cmd: str, json_out: bool) -> tuple[bool, str, str]:
+        lib = self.lib
+        with self.lock:
+            ctx = lib.nft_ctx_new(0)
+            if not ctx:
+                raise KernelError("nft_ctx_new failed (out of memory?)")
+            try:
+                lib.nft_ctx_buffer_output(ctx)
+                lib.nft_ctx_buffer_error(ctx)
+                lib.nft_ctx_output_set_flags(ctx, _OUTPUT_JSON if json_out else 0)
+                rc = lib.nft_run_cmd_from_buffer(ctx, cmd.encode())
+                out = lib.nft_ctx_get_output_buffer(ctx) or b""
+                err = lib.nft_ctx_get_error_buffer(ctx) or b""
+            finally:
+                lib.nft_ctx_free(ctx)
+        return rc == 0, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def _load_lib() -> _LibNft | None:
+    if os.environ.get("CORRAL_NFT_BINARY") == "1":  # force the fallback (tests, debugging)
+        return None
     try:
-        res = subprocess.run(
-            ["nft", *args], input=stdin, capture_output=True, text=True, timeout=60, check=False
-        )
+        return _LibNft(ctypes.CDLL("libnftables.so.1", use_errno=True))
+    except (OSError, AttributeError) as e:
+        log.warning("libnftables.so.1 not usable (%s): running the nft binary instead "
+                    "(slower; install the libnftables1 package)", e)
+        return None
+
+
+_lib_state: list[_LibNft | None] = []
+
+
+def _libnft() -> _LibNft | None:
+    if not _lib_state:
+        _lib_state.append(_load_lib())
+    return _lib_state[0]
+
+
+def _run_binary(cmd: str, json_out: bool) -> tuple[bool, str, str]:
+    # `nft -f -` prints nothing for list commands: those go as arguments (their
+    # words are table, set and chain names we validated: no shell, no quoting)
+    listing = cmd.startswith("list ") and "\n" not in cmd.strip()
+    args = ["nft", *(["-j"] if json_out else []), *(cmd.split() if listing else ["-f", "-"])]
+    try:
+        res = subprocess.run(args, input=None if listing else cmd, capture_output=True,
+                             text=True, timeout=60, check=False)
     except FileNotFoundError as e:
         raise HostSetupError("nft not found", hint="install the nftables package") from e
-    if res.returncode != 0:
-        what = "nft " + " ".join(args)
-        detail = res.stderr.strip()
-        log.debug("%s failed: %s\ninput:\n%s", what, detail, stdin)
+    return res.returncode == 0, res.stdout, res.stderr
+
+
+def _nft(cmd: str, json_out: bool = False) -> str:
+    """Run nft command(s) `cmd` (one transaction); its output, or raise on error."""
+    lib = _libnft()
+    ok, out, err = lib.run(cmd, json_out) if lib else _run_binary(cmd, json_out)
+    if not ok:
+        what = "nft " + (cmd.strip().splitlines() or [""])[0][:200]
+        detail = err.strip()
+        log.debug("%s failed: %s\ninput:\n%s", what, detail, cmd)
         if "No such file or directory" in detail:
             raise NotFound(f"{what} failed: {detail}")
         raise KernelError(f"{what} failed: {detail}", hint="is the nf_tables module available?")
-    return res.stdout
+    return out
 
 
 def run_script(script: str) -> None:
@@ -665,20 +752,20 @@ def run_script(script: str) -> None:
     if not script.strip():
         return
     log.debug("nft -f -:\n%s", script)
-    _nft(["-f", "-"], script)
+    _nft(script)
 
 
-def _json(args: Sequence[str]) -> list[dict[str, Any]]:
-    out = _nft(["-j", *args])
+def _json(cmd: str) -> list[dict[str, Any]]:
+    out = _nft(cmd, json_out=True)
     data = json.loads(out) if out.strip() else {"nftables": []}
     items: list[dict[str, Any]] = data.get("nftables", [])
     return items
 
 
-def _set_json(table: str, name: str) -> list[dict[str, Any]]:
-    """One set of `table` as JSON objects; [] if the table or set does not exist."""
+def _set_json(table: str, name: str, kind: str = "set") -> list[dict[str, Any]]:
+    """One set (or map) of `table` as JSON objects; [] if the table or set does not exist."""
     try:
-        return _json(["list", "set", "inet", table, name])
+        return _json(f"list {kind} inet {table} {name}")
     except NotFound:
         return []
 
@@ -691,9 +778,33 @@ def table_exists(scope: str) -> bool:
 def read_state(scope: str) -> TableState:
     """The scope's table as it is now (empty if there is none)."""
     try:
-        return parse_state(_json(["list", "table", "inet", table_name(scope)]))
+        return parse_state(_json(f"list table inet {table_name(scope)}"))
     except NotFound:
         return TableState()
+
+
+def _state_for(scope: str, agent: str, veth: str) -> TableState:
+    """What plan_agent needs to know of the table to (re)place `agent` on `veth`.
+
+    The common case, a new agent on a new veth, needs only the hooked veths
+    (agent_ifs: one element per agent): an agent's elements are added and
+    removed in one transaction together with its agent_ifs element, so a veth
+    absent from agent_ifs has nothing to replace. Anything else (a reload, an
+    agent moving veths, a veth taken over) reads the whole table.
+    """
+    table = table_name(scope)
+    items = _set_json(table, "agent_ifs")
+    hooked = parse_state(items)
+    if agent not in hooked.owners.values() and veth not in hooked.owners:
+        return hooked
+    if hooked.owners.get(veth) == agent and hooked.veth_of(agent) == veth:
+        # a reload in place: only the sets it replaces (the learned and denied
+        # ones, the bulk of the table, stay as they are)
+        for name in _RELOADED:
+            items += _set_json(table, name)
+        items += _set_json(table, "gen_map", kind="map")
+        return parse_state(items)
+    return read_state(scope)
 
 
 def _sysctl_path(family: str, ifname: str, key: str) -> Path:
@@ -726,7 +837,7 @@ def _elements(table: str, name: str) -> list[Any]:
 def _guarded_elsewhere(scope: str, ifname: str) -> bool:
     """Does another corral table guard `ifname` (i.e. it was off before any corral)?"""
     mine = table_name(scope)
-    out = _nft(["list", "tables", "inet"])
+    out = _nft("list tables inet")
     for line in out.splitlines():
         name = line.split()[-1] if line.startswith("table ") else ""
         if name.startswith("corral_") and name != mine and ifname in _elements(name, "guarded"):
@@ -788,7 +899,7 @@ def apply_agent(
     veth = _ifname(veth)
     if veth == "lo" or not (Path("/sys/class/net") / veth).exists():
         raise CorralError(f"agent {agent}: {veth!r} is not an existing agent veth")
-    state = read_state(scope)
+    state = _state_for(scope, agent, veth)
     gen = secrets.randbelow(FLOW_MARK - 1) + 1
     run_script(
         plan_agent(

@@ -88,7 +88,7 @@ class NetPolicy:
         await asyncio.to_thread(nft.apply_network, self.scope, name, net, entries, allow_all)
         if self.resolver is not None:
             await self.resolver.add_agent(name, net.gateway, entries, ipv6=net.ipv6,
-                                          allow_all=allow_all)
+                                          allow_all=allow_all, veth=net.veth_host)
 
     async def adopt_agent(self, name: str, spec: SandboxSpec, tpl: Template) -> None:
         """After a daemon restart: keep the rules the table still has for this
@@ -102,7 +102,7 @@ class NetPolicy:
         entries, allow_all = self._entries(tpl)
         if self.resolver is not None:
             await self.resolver.add_agent(name, net.gateway, entries, ipv6=net.ipv6,
-                                          allow_all=allow_all)
+                                          allow_all=allow_all, veth=net.veth_host)
 
     async def reload(self, name: str, tpl: Template, spec: SandboxSpec) -> None:
         """A new allow-list for a running agent, without recreating it."""
