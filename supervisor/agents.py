@@ -798,14 +798,24 @@ class Manager:
 
     async def monitor(self, interval: float = 2.0) -> None:
         """Resource events: an OOM kill or a full pid table inside an agent is
-        reported (once per change), so people learn why their agent misbehaves."""
+        reported (once per change), so people learn why their agent misbehaves;
+        and `agent.needs_input` once each time a session starts waiting for
+        someone to type."""
         seen: dict[str, tuple[int, int]] = {}
+        waiting: set[str] = set()
         while True:
             await asyncio.sleep(interval)
             for row in self.store.list_agents():
                 if row.state not in ("running", "degraded") or not row.spec_json:
                     seen.pop(row.name, None)
+                    waiting.discard(row.name)
                     continue
+                if await asyncio.to_thread(self._needs_input, row):
+                    if row.name not in waiting:
+                        waiting.add(row.name)
+                        self.emit("agent.needs_input", row.name)
+                else:
+                    waiting.discard(row.name)
                 try:
                     u = await asyncio.to_thread(self.cg.usage, self.spec_of(row).cgroup)
                 except (CorralError, OSError):
@@ -875,7 +885,15 @@ class Manager:
             "uptime": uptime,
             "usage": self._usage(row.name, spec, running),
             "clients": clients,
+            "needs_input": self._needs_input(row),
         }
+
+    def _needs_input(self, row: Any) -> bool:
+        """The DESIGN's needs-input flag (see supervisor.activity)."""
+        if row.state not in ("running", "degraded") or not row.init_pid:
+            return False
+        from supervisor.activity import needs_input
+        return needs_input(row.init_pid, self.paths(row.name).session_log)
 
     def ps(self, all: bool = False) -> list[dict[str, Any]]:
         rows = self.store.list_agents()

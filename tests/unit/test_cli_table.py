@@ -58,3 +58,10 @@ def test_tree() -> None:
     assert text.splitlines() == [
         "name: web", "limits:", "  pids: 512", "clients: -", "ok: yes", "services:", "  db:",
         "    state: running"]
+
+
+def test_ps_row_marks_an_agent_waiting_for_input() -> None:
+    assert table.ps_row({"name": "a", "state": "running", "needs_input": True}, NOW)[1] == \
+        "running (needs input)"
+    assert table.ps_row({"name": "a", "state": "running", "needs_input": False}, NOW)[1] == \
+        "running"
