@@ -149,6 +149,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--mbytes", type=int, default=20)
+    ap.add_argument("--skip-login", action="store_true",
+                    help="only the fan-out part (no throwaway sshd); docs are not rewritten")
+    ap.add_argument("--clients", default="1,5", help="comma-separated client counts")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="py-spy the daemon and the keeper during corral's fan-out into DIR")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_ssh: needs root", file=sys.stderr)
@@ -172,8 +177,9 @@ def main() -> int:
                        check=True)
         d.cli("user", "add", "bencher", "--key", f"{key}.pub", check=True)
         d.cli("grant", "bench", "bencher", "--role", "collaborator", check=True)
-        with throwaway_sshd(tmp, key) as sshd_port:
-            out += login_latency(d, key, sshd_port, args.runs)
+        if not args.skip_login:
+            with throwaway_sshd(tmp, key) as sshd_port:
+                out += login_latency(d, key, sshd_port, args.runs)
         out.append("")
         out += [f"| session output, {args.mbytes} MB, to N clients | corral s | tmux s |",
                 "|---|---:|---:|"]
@@ -182,7 +188,7 @@ def main() -> int:
         ssh_client = ["ssh", "-tt", "-p", str(d.ssh_port), *SSH_OPTS, "-i", str(key),
                       "bench@127.0.0.1"]
         tmux_client = ["tmux", "-L", tmux_sock, "attach"]
-        for n in (1, 5):
+        for n in (int(x) for x in args.clients.split(",")):
             # corral: the command is typed through one more collaborator's stdin
             feeder = subprocess.Popen(ssh_client, stdin=subprocess.PIPE,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -197,8 +203,9 @@ def main() -> int:
                 keys = ["Enter"] if text == "\r" else ["-l", text]
                 subprocess.run(["tmux", "-L", tmux_sock, "send-keys", *keys], check=True)
 
-            t_corral = _timed(lambda n=n: _fanout_with([ssh_client] * n, corral_send,  # type: ignore[misc]
-                                                       args.mbytes, f"c{n}"))
+            with _profiled(args.profile, d, f"c{n}"):
+                t_corral = _timed(lambda n=n: _fanout_with(  # type: ignore[misc]
+                    [ssh_client] * n, corral_send, args.mbytes, f"c{n}"))
             feeder.kill()
             feeder.wait()
             t_tmux = _timed(lambda n=n: _fanout_with([tmux_client] * n,  # type: ignore[misc]
@@ -215,8 +222,46 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     text = "\n".join(out) + "\n"
     print(text)
-    (REPO / "docs" / "bench-ssh.md").write_text(text)
+    if not args.skip_login:
+        (REPO / "docs" / "bench-ssh.md").write_text(text)
     return 0
+
+
+@contextlib.contextmanager
+def _profiled(out_dir: Path | None, d: Daemon, tag: str) -> Iterator[None]:
+    """py-spy record the daemon and the agent's keeper (a development aid)."""
+    if out_dir is None or d.proc is None:
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pids = {"daemon": d.proc.pid}
+    keeper = _keeper_pid(d)
+    if keeper:
+        pids["keeper"] = keeper
+    spy = str(Path(sys.executable).parent / "py-spy")
+    spies = [subprocess.Popen([spy, "record", "-r", "200", "-f", "raw", "-p", str(pid),
+                               "-o", str(out_dir / f"{tag}-{name}.txt")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for name, pid in pids.items()]
+    try:
+        yield
+    finally:
+        for s in spies:
+            s.send_signal(signal.SIGINT)
+            s.wait(30)
+
+
+def _keeper_pid(d: Daemon) -> int | None:
+    """The keeper of this daemon's agent: the one holding a file under its state_dir."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if b"supervisor.keeper" not in (proc / "cmdline").read_bytes():
+                continue
+            if any(str(fd.readlink()).startswith(d.state_dir) for fd in (proc / "fd").iterdir()):
+                return int(proc.name)
+        except OSError:
+            continue
+    return None
 
 
 def _timed(fn: Callable[[], float]) -> str:

@@ -45,6 +45,18 @@ LOG_BYTES = 8 * 1024 * 1024
 #: A client that does not read this much pending output is dropped, so a
 #: stalled daemon connection never blocks the agent.
 CLIENT_BACKLOG = 4 * 1024 * 1024
+#: Output is paced to the daemon like a terminal paces a program: while a
+#: subscriber has more than PACE_HIGH bytes pending, the PTY is not read (the
+#: agent blocks in write()), so a flood moves at the speed of its readers
+#: instead of filling buffers until someone is dropped. A subscriber that
+#: sends nothing for PACE_STALL seconds no longer paces: it is dropped at
+#: CLIENT_BACKLOG, so a hung daemon never stops the agent for longer than that.
+PACE_HIGH = 1024 * 1024
+PACE_STALL = 10.0
+#: One OUTPUT frame carries up to this much: the PTY is read until it is empty
+#: or this much is gathered, so a flood costs one frame per READ_BATCH, not one
+#: per (4 KiB) PTY read, at every hop after the keeper.
+READ_BATCH = 256 * 1024
 #: Keystrokes buffered for a PTY that is not reading (agent busy).
 INPUT_BACKLOG = 1024 * 1024
 
@@ -95,6 +107,13 @@ class Client:
         self.reader = kp.FrameReader()
         self.out = bytearray()
         self.subscribed = False
+        #: last time this client took bytes from us (pacing ignores a stalled one)
+        self.progress = time.monotonic()
+
+    def paces(self, now: float) -> bool:
+        """Should the PTY wait for this client? (Behind, but still reading.)"""
+        return (self.subscribed and len(self.out) > PACE_HIGH
+                and now - self.progress < PACE_STALL)
 
 
 class Keeper:
@@ -111,24 +130,30 @@ class Keeper:
         self.clients: dict[int, Client] = {}
         self.pty_in = bytearray()
         self.exit_status: int | None = None
+        #: the signal that ended the session's init, if one did (SSH exit-signal)
+        self.exit_signal: int | None = None
         self.pidfd = os.pidfd_open(init_pid)
         self.size = (80, 24)
+        self.pty_open = True
+        self.pty_paused = False
+        self._pty_mask = 0
 
     # --- the loop ---
     def run(self) -> int:
         os.set_blocking(self.master, False)
         self.listener.setblocking(False)
-        self.sel.register(self.master, selectors.EVENT_READ, "pty")
+        self._update_pty_interest()
         self.sel.register(self.listener, selectors.EVENT_READ, "listen")
         self.sel.register(self.pidfd, selectors.EVENT_READ, "pidfd")
-        pty_open = True
         while True:
-            for key, events in self.sel.select(timeout=5.0):
+            # While paced, wake up now and then to notice a subscriber that stalled.
+            timeout = 0.5 if self.pty_paused else 5.0
+            for key, events in self.sel.select(timeout=timeout):
                 tag = key.data
                 if tag == "pty":
                     if events & selectors.EVENT_READ and not self._read_pty():
-                        self.sel.unregister(self.master)
-                        pty_open = False
+                        self.pty_open = False
+                        self._update_pty_interest()
                     elif events & selectors.EVENT_WRITE:
                         self._flush_pty()
                 elif tag == "listen":
@@ -137,29 +162,49 @@ class Keeper:
                     self._reap()
                 elif isinstance(tag, Client):
                     self._client_event(tag, events)
+            self._pace()
             if self.exit_status is not None:
                 # Drain what the session printed last, then tell everyone.
-                while pty_open and self._read_pty():
+                while self.pty_open and self._read_pty():
                     pass
                 self._finish()
                 return 0
 
+    def _pace(self) -> None:
+        """Read the PTY only while no (live) subscriber is too far behind."""
+        now = time.monotonic()
+        paused = any(c.paces(now) for c in self.clients.values())
+        if paused != self.pty_paused:
+            self.pty_paused = paused
+            self._update_pty_interest()
+
     def _read_pty(self) -> bool:
-        try:
-            data = os.read(self.master, 65536)
-        except BlockingIOError:
-            return True
-        except OSError as e:
-            # EIO: every slave is closed (the session exited).
-            if e.errno == errno.EIO:
-                return False
-            raise
-        if not data:
-            return False
-        self.ring.append(data)
-        self.log.write(data)
-        self._broadcast(kp.frame(kp.OUTPUT, data))
-        return True
+        """Read what the PTY holds (up to READ_BATCH) and pass it on as one frame.
+        False once the session side is closed."""
+        chunks: list[bytes] = []
+        size = 0
+        open_ = True
+        while size < READ_BATCH:
+            try:
+                data = os.read(self.master, 65536)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                # EIO: every slave is closed (the session exited).
+                if e.errno != errno.EIO:
+                    raise
+                data = b""
+            if not data:
+                open_ = False
+                break
+            chunks.append(data)
+            size += len(data)
+        if chunks:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self.ring.append(data)
+            self.log.write(data)
+            self._broadcast(kp.frame(kp.OUTPUT, data))
+        return open_
 
     def _flush_pty(self) -> None:
         try:
@@ -172,9 +217,17 @@ class Keeper:
         self._update_pty_interest()
 
     def _update_pty_interest(self) -> None:
-        mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.pty_in else 0)
-        with contextlib.suppress(KeyError):
+        mask = ((selectors.EVENT_READ if self.pty_open and not self.pty_paused else 0)
+                | (selectors.EVENT_WRITE if self.pty_in and self.pty_open else 0))
+        if mask == self._pty_mask:
+            return
+        if self._pty_mask == 0:
+            self.sel.register(self.master, mask, "pty")
+        elif mask == 0:
+            self.sel.unregister(self.master)
+        else:
             self.sel.modify(self.master, mask, "pty")
+        self._pty_mask = mask
 
     def _accept(self) -> None:
         try:
@@ -262,6 +315,8 @@ class Keeper:
         try:
             n = c.sock.send(c.out)
             del c.out[:n]
+            if n:
+                c.progress = time.monotonic()
         except BlockingIOError:
             pass
         except OSError:
@@ -286,12 +341,19 @@ class Keeper:
             return
         self.exit_status = os.waitstatus_to_exitcode(status)
         if self.exit_status < 0:
+            self.exit_signal = -self.exit_status
             self.exit_status = 128 - self.exit_status
+        elif 128 < self.exit_status < 128 + signal.NSIG:
+            # The sandbox's init is PID 1 of its namespace and cannot die of a
+            # signal it sends itself, so it reports its workload's death by
+            # signal N as exit code 128+N (sandbox.init.exit_code); read it back.
+            self.exit_signal = self.exit_status - 128
 
     def _finish(self) -> None:
         result = {"exit_status": self.exit_status, "ended": time.time()}
         write_json_atomic(self.status_path, result)
-        self._broadcast(kp.frame(kp.EXIT, json.dumps({"status": self.exit_status}).encode()))
+        self._broadcast(kp.frame(kp.EXIT, json.dumps(
+            {"status": self.exit_status, "signal": self.exit_signal}).encode()))
         # Give subscribers a moment to read the last frames, bounded.
         deadline = time.monotonic() + 1.0
         while any(c.out for c in self.clients.values()) and time.monotonic() < deadline:

@@ -6,6 +6,16 @@ client (local `corral attach`, SSH). Fan-out follows DESIGN.md's measurement:
 each client has a bounded queue; a client whose queue overflows is dropped
 instead of slowing the agent or the other clients.
 
+Pacing: a flood moves at the speed of its readers, as it would on a terminal.
+While a client has more than PACE_HIGH bytes queued, the hub stops reading
+the keeper (which in turn stops reading the PTY, so the agent waits in
+write()). A client paces only while it keeps up: one that has not come back
+under PACE_LOW within PACE_GRACE seconds stops pacing, its queue fills, and it
+is dropped at CLIENT_QUEUE_BYTES. So a client that stops reading, or reads
+slower than (PACE_HIGH - PACE_LOW) / PACE_GRACE (768 KB/s), delays the
+agent by at most PACE_GRACE and is then dropped; one that reads at full speed
+is never dropped.
+
 Window size policy: the most recent writer's size wins. A client's size is
 applied when it resizes or types; viewers never change it. Sizes are clamped to
 1..1000 columns and 1..500 rows.
@@ -17,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +38,14 @@ log = logging.getLogger(__name__)
 
 #: Pending output per client before it is considered stalled and dropped.
 CLIENT_QUEUE_BYTES = 2 * 1024 * 1024
+#: Pacing (see the module doc): queue levels and how long one client may pace.
+PACE_HIGH = 1024 * 1024
+PACE_LOW = 256 * 1024
+PACE_GRACE = 1.0
+#: One read() hands back at most this much, so a reader's own buffers stay bounded.
+READ_MAX = 256 * 1024
+#: Bytes asked of the keeper socket per read (its frames carry up to 256 KiB).
+SOCKET_READ = 1024 * 1024
 WRITER_ROLES = ("collaborator", "owner")
 
 
@@ -43,11 +62,15 @@ class SessionClient:
         self.role = role
         self.size = clamp_size(*size) if size else None
         self.snapshot = b""
-        self._chunks: list[bytes] = []
+        self._chunks: deque[bytes] = deque()
         self._queued = 0
         self._event = asyncio.Event()
         self.closed = False
         self.dropped_reason = ""
+        #: pacing state: since when this client is behind (None: it is not),
+        #: and whether it used up its grace (then it no longer paces the hub)
+        self.behind_since: float | None = None
+        self.unpaced = False
 
     @property
     def can_write(self) -> bool:
@@ -63,16 +86,41 @@ class SessionClient:
         self._queued += len(data)
         self._event.set()
 
+    def paces(self) -> bool:
+        """Must the hub wait for this client before reading more output?"""
+        return self._queued > PACE_HIGH and not self.unpaced
+
     async def read(self) -> bytes:
+        """Queued output, at most READ_MAX bytes; b"" once the client is closed."""
         while not self._chunks:
             if self.closed:
                 return b""
             self._event.clear()
             await self._event.wait()
-        data = b"".join(self._chunks)
-        self._chunks.clear()
-        self._queued = 0
+        if self._queued <= READ_MAX:
+            data = b"".join(self._chunks)
+            self._chunks.clear()
+        else:
+            data = self._take(READ_MAX)
+        self._queued -= len(data)
+        if self._queued <= PACE_LOW:
+            self.behind_since = None
+            self.unpaced = False
+            self.hub._client_drained()
         return data
+
+    def _take(self, limit: int) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        while self._chunks and size < limit:
+            chunk = self._chunks.popleft()
+            if size + len(chunk) > limit:
+                cut = limit - size
+                self._chunks.appendleft(chunk[cut:])
+                chunk = chunk[:cut]
+            parts.append(chunk)
+            size += len(chunk)
+        return b"".join(parts)
 
     def write(self, data: bytes) -> None:
         if self.closed or not self.can_write or not data:
@@ -111,7 +159,10 @@ class SessionHub:
         self.clients: list[SessionClient] = []
         self.size = (80, 24)
         self.exit_status: int | None = None
+        #: the signal that ended the session, if one did (SSH clients get exit-signal)
+        self.exit_signal: int | None = None
         self.ended = False
+        self._drained = asyncio.Event()
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
@@ -131,7 +182,8 @@ class SessionHub:
         status: int | None = None
         try:
             while True:
-                data = await reader.read(65536)
+                await self._pace()
+                data = await reader.read(SOCKET_READ)
                 if not data:
                     break
                 for kind, payload in frames.feed(data):
@@ -153,7 +205,10 @@ class SessionHub:
                                 fut.set_result(st)
                         self._state_waiters.clear()
                     elif kind == kp.EXIT:
-                        status = json.loads(payload).get("status")
+                        ex = json.loads(payload)
+                        status = ex.get("status")
+                        sig = ex.get("signal")
+                        self.exit_signal = sig if isinstance(sig, int) else None
         except (OSError, ValueError) as e:
             log.warning("[agent=%s] keeper connection broke: %s", self.agent, e)
         finally:
@@ -167,6 +222,29 @@ class SessionHub:
             self._ready.set()
             if self.on_exit:
                 self.on_exit(status)
+
+    async def _pace(self) -> None:
+        """Wait while a client that keeps up is too far behind (module doc)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            behind = [c for c in self.clients if c.paces()]
+            if not behind:
+                return
+            now = loop.time()
+            for c in behind:
+                if c.behind_since is None:
+                    c.behind_since = now
+                elif now - c.behind_since >= PACE_GRACE:
+                    c.unpaced = True   # not keeping up: no longer holds the session back
+            waiting = [c.behind_since for c in behind if not c.unpaced and c.behind_since]
+            if not waiting:
+                continue
+            self._drained.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), min(waiting) + PACE_GRACE - now)
+
+    def _client_drained(self) -> None:
+        self._drained.set()
 
     def _send(self, data: bytes) -> None:
         if self._writer is not None and not self._writer.is_closing():
@@ -208,6 +286,7 @@ class SessionHub:
     def _detach(self, client: SessionClient, reason: str) -> None:
         if client in self.clients:
             self.clients.remove(client)
+            self._drained.set()   # a pacing client that leaves must not hold the hub
             if self.on_client:
                 self.on_client("detach", client)
         if reason == "slow":

@@ -1,14 +1,18 @@
 """One SSH session channel: the shared terminal (shell), a command (exec), or sftp.
 
 - shell: attach to the agent's shared session (`Manager.attach`), paint the
-  snapshot, then pump output to the client and keystrokes back. Output waits
-  for the SSH channel to drain, at most `drain_timeout` seconds, so the SSH
-  side never buffers more than the channel's high-water mark (the hub drops a
-  client that stops reading before that). Keystrokes and resizes of a viewer
-  are dropped here as well as in the hub. Every attach is recorded (asciicast
-  v2) and audited (session.attach / session.detach).
+  snapshot, then pump output to the client and keystrokes back. Output is
+  written without waiting while the channel's buffer is under WRITE_HIGH;
+  above it, the pump waits for the channel to drain, at most `drain_timeout`
+  seconds, so the SSH side never buffers more than WRITE_HIGH plus one read
+  (the hub paces, then drops, a client that falls behind). Keystrokes and
+  resizes of a viewer are dropped here as well as in the hub. Every attach is
+  recorded (asciicast v2) and audited (session.attach / session.detach).
+  When the session ends, the channel gets its exit status, or exit-signal
+  when a signal ended it.
 - exec: collaborator/owner only; `/bin/sh -c COMMAND` in the sandbox with
-  stdin, stdout, stderr, EOF and the exit status carried through.
+  stdin, stdout, stderr, EOF and the exit status carried through (exit-signal
+  when the process reports the signal that killed it as `exit_signal`).
 - sftp: `supervisor.ssh_sftp.WorkspaceSFTPServer` on the agent's workspace.
 
 Client environment: only TERM (from pty-req), LANG and LC_* are stored at all
@@ -51,6 +55,24 @@ CHUNK = 64 * 1024
 # _DEFAULT_MAX_PKTSIZE), repeated because we construct the channel ourselves.
 WINDOW = 2 * 1024 * 1024
 MAX_PKTSIZE = 32768
+#: The channel's write buffer high-/low-water marks (asyncssh's default is 64
+#: KiB): one hub read (256 KiB) fits, so a session pump waits for the client
+#: about once per read instead of on every chunk.
+WRITE_HIGH = 512 * 1024
+WRITE_LOW = 128 * 1024
+
+#: What a session ended with: an exit status, or the signal that killed it.
+Outcome = int | signal_mod.Signals
+
+
+def signal_outcome(status: int, sig: object) -> Outcome:
+    """`sig` (a signal number or None, as reported) if it names a signal, else `status`."""
+    if isinstance(sig, int) and not isinstance(sig, bool):
+        try:
+            return signal_mod.Signals(sig)
+        except ValueError:
+            pass
+    return status
 
 
 def env_allowed(key: bytes, value: bytes, count: int, limits: SshLimits) -> bool:
@@ -260,11 +282,12 @@ class AgentSession(SSHServerStreamSession[bytes]):
         chan = self._chan
         if not isinstance(chan, asyncssh.SSHServerChannel):
             return
-        status = 0
+        status: Outcome = 0
         try:
             if self._kind == "exec":
                 status = await self._run_exec(chan.get_command() or "", stdin, stdout, stderr)
             else:
+                chan.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
                 status = await self._run_shell(stdin, stdout, stderr)
         except asyncio.CancelledError:
             return
@@ -279,7 +302,12 @@ class AgentSession(SSHServerStreamSession[bytes]):
             except (OSError, asyncssh.Error):
                 pass
         try:
-            chan.exit(max(0, min(status, 255)))
+            if isinstance(status, signal_mod.Signals):
+                # "KILL", not "SIGKILL": RFC 4254 6.10 names signals without the prefix.
+                chan.exit_with_signal(status.name.removeprefix("SIG"), False,
+                                      f"killed by signal {int(status)} ({status.name})")
+            else:
+                chan.exit(max(0, min(status, 255)))
         except (OSError, asyncssh.Error):
             pass
 
@@ -291,7 +319,7 @@ class AgentSession(SSHServerStreamSession[bytes]):
             await asyncio.wait_for(stdout.drain(), timeout=self._limits.drain_timeout)
 
     async def _run_shell(self, stdin: asyncssh.SSHReader[bytes], stdout: asyncssh.SSHWriter[bytes],
-                         stderr: asyncssh.SSHWriter[bytes]) -> int:
+                         stderr: asyncssh.SSHWriter[bytes]) -> Outcome:
         access, mgr = self._access, self._ctx.manager
         client: SessionClientLike = await mgr.attach(access.agent, access.user, access.role,
                                                      self._size)
@@ -330,6 +358,8 @@ class AgentSession(SSHServerStreamSession[bytes]):
             reason = getattr(client, "dropped_reason", "")
             if reason and reason != "closed":
                 stdout.write(f"\r\n[corral: {reason}]\r\n".encode())
+            if reason == "session ended":
+                return self._session_outcome(client)
         except TimeoutError:
             log.info("%s client stopped reading: dropped", self._tag)
         finally:
@@ -341,6 +371,14 @@ class AgentSession(SSHServerStreamSession[bytes]):
             mgr.audit("session.detach", access.agent, user=access.user, addr=access.addr)
             log.info("%s detached", self._tag)
         return 0
+
+    @staticmethod
+    def _session_outcome(client: SessionClientLike) -> Outcome:
+        """The ended session's exit status or signal, as its hub heard from the keeper."""
+        hub = getattr(client, "hub", None)
+        status = getattr(hub, "exit_status", None)
+        return signal_outcome(status if isinstance(status, int) else 0,
+                              getattr(hub, "exit_signal", None))
 
     async def _shell_input(self, stdin: asyncssh.SSHReader[bytes],
                            client: SessionClientLike) -> None:
@@ -365,7 +403,7 @@ class AgentSession(SSHServerStreamSession[bytes]):
 
     async def _run_exec(self, command: str, stdin: asyncssh.SSHReader[bytes],
                         stdout: asyncssh.SSHWriter[bytes],
-                        stderr: asyncssh.SSHWriter[bytes]) -> int:
+                        stderr: asyncssh.SSHWriter[bytes]) -> Outcome:
         access, mgr = self._access, self._ctx.manager
         tty = (self._term, *self._size) if self._term and self._size else None
         mgr.audit("ssh.exec", access.agent, user=access.user, addr=access.addr,
@@ -382,7 +420,7 @@ class AgentSession(SSHServerStreamSession[bytes]):
                                  self._copy(proc.read_stderr, stderr))
             code = await proc.wait()
             done = True
-            return code
+            return signal_outcome(code, getattr(proc, "exit_signal", None))
         finally:
             feeder.cancel()
             self._on_resize = None

@@ -234,3 +234,24 @@ def test_late_joiner_sees_a_full_screen_program(team: Team, tmux: Tmux, uniq: st
     tmux.keys("late", "Go", f"added-{uniq}", "Escape")
     tmux.wait_for("a", f"added-{uniq}")
     tmux.keys("a", ":q!", "Enter")
+
+
+def test_session_killed_by_a_signal_ends_with_exit_signal(team: Team, tmux: Tmux,
+                                                          uniq: str) -> None:
+    """RFC 4254 6.10: when the session's process dies of a signal, attached
+    clients get exit-signal (not only exit-status 128+N). OpenSSH's client
+    logs the request and, having no exit status, exits 255."""
+    team.add("alice", "web", "collaborator")
+    log = team.tmp / f"ssh-{uniq}.log"
+    cmd = team.ssh_cmdline("alice", "web").replace("LogLevel=ERROR", "LogLevel=DEBUG")
+    tmux.new("a", f"{cmd} 2>{log}; echo SSH-RC=$? >>{log}; sleep 60")
+    time.sleep(2)
+    tmux.keys("a", f"echo READY-{uniq}-$((6*7))", "Enter")
+    tmux.wait_for("a", f"READY-{uniq}-42")
+    tmux.keys("a", "kill -KILL $$", "Enter")
+    deadline = time.monotonic() + 30
+    while "SSH-RC=" not in (text := log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "rtype exit-signal" in text, text
+    assert "rtype exit-status" not in text, text
+    assert "SSH-RC=255" in text, text

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from pathlib import Path
 
 import pytest
 
-from supervisor.recording import AsciicastRecorder, open_recording, recording_path
+from supervisor.recording import COALESCE, AsciicastRecorder, open_recording, recording_path
 
 
 def _read(path: str) -> tuple[dict[str, object], list[list[object]]]:
@@ -79,3 +80,21 @@ def test_invalid_bytes_do_not_break_json(tmp_path: Path) -> None:
     header, events = _read(rec.path)
     assert header["width"] == 1
     assert "ok" in str(events[0][2])
+
+
+def test_output_is_coalesced_by_time(tmp_path: Path) -> None:
+    """A flood of small chunks becomes few events; a pause starts a new one."""
+    rec = open_recording(str(tmp_path), "x", "u", 80, 24)
+    for _ in range(1000):
+        rec.output(b"ab")
+    time.sleep(COALESCE * 2)
+    rec.output(b"later")
+    rec.input(b"k")          # input flushes pending output first: order is kept
+    rec.output(b"after")
+    rec.close()
+    _, events = _read(rec.path)
+    assert [e[1] for e in events] == ["o", "o", "i", "o"]
+    assert events[0][2] == "ab" * 1000
+    assert events[1][2] == "later"
+    assert events[3][2] == "after"
+    assert float(str(events[1][0])) - float(str(events[0][0])) >= COALESCE
