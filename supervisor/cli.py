@@ -11,7 +11,6 @@ sandbox.errors classes, and CorralGroup turns them into the one-line message.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import http.client
 import json
@@ -28,7 +27,6 @@ from pathlib import Path
 from typing import Any, BinaryIO, NoReturn, TypeVar
 
 import click
-import yaml
 
 from sandbox.errors import CorralError
 from sandbox.spec import check_name
@@ -228,6 +226,8 @@ def template_list(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def template_show(ctx: click.Context, name: str, as_json: bool) -> None:
     """Print a template, resolved (extends applied, defaults filled in)."""
+    import yaml  # only here: ~15 ms of start-up every other command would pay
+
     result = _opts(ctx).client().template(check_name(name, "template name"))
     _emit(ctx, as_json, result,
           lambda: yaml.safe_dump(result, sort_keys=False, default_flow_style=False).rstrip())
@@ -399,6 +399,7 @@ def exec_cmd(ctx: click.Context, name: str, user: str | None, want_tty: bool,
                 stderr=termattach.stream_writer(stderr), tty_fd=tty_fd,
             )
 
+    import asyncio  # only here: it costs ~40 ms of every command's start-up
     ctx.exit(asyncio.run(run()))
 
 
@@ -424,6 +425,7 @@ def attach(ctx: click.Context, name: str, read_only: bool) -> None:
             click.echo(f"[attached to {name}: {mode}detach with Ctrl-]]", err=True)
             return await termattach.attach_terminal(ws, read_only=read_only)
 
+    import asyncio  # only here: it costs ~40 ms of every command's start-up
     reason = asyncio.run(run())
     if reason == "detached":
         click.echo(f"\r\n[detached from {name}; it keeps running]", err=True)
