@@ -69,6 +69,20 @@ STEPS = ("recorded", "leased", "prepared", "keeper", "running", "stopping", "rel
 PKG_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
+def _check_run_as(name: str, spec: SandboxSpec, run_as: str | None) -> None:
+    """A sandbox has exactly one identity: the agent's uid, named `agent`.
+
+    There is no root to become (no user namespace: uid 0 inside would be the
+    host's root) and no second uid to switch to, so anything else is refused
+    with the reason rather than silently run as the agent.
+    """
+    if run_as in (None, "", "agent", str(spec.uid)):
+        return
+    raise CorralError(f"agent {name!r} has no user {run_as!r}",
+                      hint=f"its sandbox has one user, 'agent' (uid {spec.uid}); "
+                           "nothing runs as root inside")
+
+
 async def _read_line(fd: int) -> bytes:
     """One line from a pipe (a keeper's ready line), or b"" at EOF; closes fd."""
     loop = asyncio.get_running_loop()
@@ -961,10 +975,14 @@ class Manager:
         return rt.hub.attach(user, role, size)
 
     async def exec(self, name: str, argv: list[str], *, user: str,
-                   tty: tuple[str, int, int] | None, env: dict[str, str]) -> ExecProcess:
+                   tty: tuple[str, int, int] | None, env: dict[str, str],
+                   run_as: str | None = None) -> ExecProcess:
+        """Run argv inside the sandbox; `user` is who asked (for the event),
+        `run_as` the identity inside (only the agent's own: see _check_run_as)."""
         row, spec, _ = self._running(name)
         if not argv:
             raise CorralError("exec needs a command")
+        _check_run_as(name, spec, run_as)
         extra = dict(env)
         if tty:
             extra["TERM"] = tty[0]

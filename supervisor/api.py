@@ -489,7 +489,11 @@ def _attach_control(client: Any, text: str, read_only: bool) -> None:
 
 
 def _exec_request(text: str) -> dict[str, Any]:
-    """Validate the first exec frame: {"argv", "tty", "term", "cols", "rows", "env", "user"}."""
+    """Validate the first exec frame: {"argv", "tty", "term", "cols", "rows", "env", "user"}.
+
+    "user" is who to run as inside the sandbox (`corral exec --user`); the
+    caller, for the audit event, is the socket's user (root).
+    """
     try:
         spec = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -519,7 +523,7 @@ def _exec_request(text: str) -> dict[str, Any]:
             raise BadRequest("'term' must be a short string")
         size = _size([spec.get("cols") or 80, spec.get("rows") or 24]) or (80, 24)
         tty = (term, size[0], size[1])
-    return {"argv": argv, "env": env, "user": user or LOCAL_USER, "tty": tty}
+    return {"argv": argv, "env": env, "run_as": user, "tty": tty}
 
 
 async def exec_(request: web.Request) -> web.WebSocketResponse:
@@ -532,7 +536,8 @@ async def exec_(request: web.Request) -> web.WebSocketResponse:
             raise BadRequest("the first exec frame must be the JSON request")
         spec = _exec_request(first.data)
         proc = await _call(
-            manager.exec, name, spec["argv"], user=spec["user"], tty=spec["tty"], env=spec["env"]
+            manager.exec, name, spec["argv"], user=LOCAL_USER, tty=spec["tty"], env=spec["env"],
+            run_as=spec["run_as"],
         )
     except Exception as exc:
         await _ws_error(ws, exc)

@@ -367,7 +367,8 @@ def _stdin_source() -> int | BinaryIO:
 @click.argument("name")
 # Long options only: short ones would capture the command's own flags
 # (`corral exec web ls -t` must reach ls), since click parses interspersed options.
-@click.option("--user", help="Run as this user (default: the agent's user).")
+@click.option("--user", help="Run as this user inside: 'agent' (the default and the only "
+              "one: a sandbox has no root and no second user).")
 @click.option("--tty", "want_tty", is_flag=True,
               help="Give the command a terminal (interactive programs).")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)

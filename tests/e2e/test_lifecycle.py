@@ -40,6 +40,15 @@ def test_create_exec_stop_start_rm_round_trip(daemon: Daemon, project: Path) -> 
     assert daemon.cli("exec", "rt1", "--", "hostname", check=True).stdout.strip() == "rt1"
     uid = daemon.cli("exec", "rt1", "--", "id", "-u", check=True).stdout.strip()
     assert uid != "0"
+    # --user: the agent's one identity by name or uid; no root, no other user
+    for who in ("agent", uid):
+        cp = daemon.cli("exec", "--user", who, "rt1", "--", "id", "-u", check=True)
+        assert cp.stdout.strip() == uid
+    for who in ("root", "0", "nobody"):
+        cp = daemon.cli("exec", "--user", who, "rt1", "--", "id", "-u")
+        assert cp.returncode == 1
+        assert f"no user '{who}'" in cp.stderr
+        assert cp.stdout == ""
     # writes land in the upper dir, never in the project
     daemon.cli("exec", "rt1", "--", "sh", "-c", "echo new > /workspace/new.txt", check=True)
     assert not (project / "new.txt").exists()

@@ -313,6 +313,11 @@ def test_exec_relays_stdio_and_exit_code(sock_dir: str) -> None:
         )
         assert (out, err, code) == (b"out:typed\n", b"err\n", 7)
         assert manager.calls[-1] == ("exec", "web", ("sh", "-c", script), "root", None)
+        assert manager.run_as[-1] is None
+        # --user is the identity inside; the caller (the event's user) stays root
+        await _exec(client, {"argv": ["true"], "tty": False, "env": {}, "user": "agent"})
+        assert manager.calls[-1][3] == "root"
+        assert manager.run_as[-1] == "agent"
 
     run_with_api(sock_dir, body)
 
@@ -324,7 +329,8 @@ def test_exec_with_a_tty_and_a_signal(sock_dir: str) -> None:
         out, _, code, _ = await _exec(client, request, eof=False)
         assert b"tty-ok" in out
         assert code == 0
-        assert manager.calls[-1][3:] == ("agent", ("xterm", 90, 20))
+        assert manager.calls[-1][3:] == ("root", ("xterm", 90, 20))
+        assert manager.run_as[-1] == "agent"
         # A signal from the client reaches the command: exit code 128+N.
         ws = await client.ws_connect("/v1/agents/web/exec")
         await ws.send_str(json.dumps({"argv": ["sleep", "60"], "tty": False}))

@@ -155,6 +155,7 @@ class FakeManager:
         self.sessions: list[FakeSession] = []
         self.closed_sessions = 0
         self.execs: list[FakeExec] = []
+        self.run_as: list[str | None] = []
         self.users: dict[str, list[str]] = {}
         self.grants: dict[tuple[str, str], str] = {}
         self.event_log: list[dict[str, Any]] = [
@@ -261,9 +262,11 @@ class FakeManager:
     # -- interactive --
 
     async def exec(self, name: str, argv: list[str], *, user: str,
-                   tty: tuple[str, int, int] | None, env: dict[str, str]) -> FakeExec:
+                   tty: tuple[str, int, int] | None, env: dict[str, str],
+                   run_as: str | None = None) -> FakeExec:
         self._get(name)
         self.calls.append(("exec", name, tuple(argv), user, tty))
+        self.run_as.append(run_as)
         proc = await FakeExec.spawn(argv, tty, env)
         self.execs.append(proc)
         return proc

@@ -304,7 +304,8 @@ def test_exec_relays_stdin_until_eof(api: Api) -> None:
     result = api.run("exec", "web", "--user", "agent", "--", "cat", input=data)
     assert result.exit_code == 0, (result.output, result.exception)
     assert result.stdout == data
-    assert api.manager.calls[-1][3] == "agent"
+    assert api.manager.calls[-1][3] == "root"  # the caller
+    assert api.manager.run_as[-1] == "agent"  # --user: who inside
 
 
 def test_exec_with_tty_and_errors(api: Api) -> None:
