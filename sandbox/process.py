@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOME = "/home/agent"
+#: "Never pick this task" for the OOM killer (see protect_from_oom).
+OOM_SCORE_ADJ_MIN = -1000
 
 #: Namespaces `enter` joins, in order: the mount namespace last, because
 #: joining it changes our root and so how /proc paths resolve.
@@ -357,6 +359,7 @@ def start(spec: SandboxSpec, *, stdin: int, stdout: int, stderr: int, ctty: bool
     if raw:
         _kill_reap(pid)
         _raise_message(raw, f"starting sandbox {spec.name}")
+    protect_from_oom(pid)
     log.debug("sandbox %s: init pid %d running %s", spec.name, pid, spec.command)
     return Started(init_pid=pid, start_time=start_time)
 
@@ -481,7 +484,31 @@ def enter(spec: SandboxSpec, init_pid: int, argv: Sequence[str], *, env: Mapping
         except ChildProcessError:
             pass
         _raise_message(raw, f"entering sandbox {spec.name}")
+    protect_from_oom(pid)
     return pid
+
+
+def protect_from_oom(pid: int) -> bool:
+    """Take one of our own helpers in the agent's cgroup (init, an enter
+    waiter) out of the OOM killer's choice.
+
+    They are forks of a large Python process, so their resident size (the
+    shared copy-on-write pages count) can exceed a small agent's memory limit,
+    and a memory cgroup's OOM killer picks the largest task: it would kill
+    init (the whole sandbox) or the waiter (losing the command's exit status)
+    instead of the agent's process that ran out of memory. Called once the
+    workload has been started (the err pipe closed on its exec), so the
+    workload inherited the default score, not this one. Lowering a score
+    takes CAP_SYS_RESOURCE: root has it (systemd's corral.service keeps it),
+    a container's root may not — then nothing changes (returns False) and
+    the OOM killer chooses by size as before.
+    """
+    try:
+        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+            f.write(str(OOM_SCORE_ADJ_MIN))
+    except OSError:
+        return False
+    return True
 
 
 def _enter_child(argv: Sequence[str], env: Mapping[str, str], cwd: str, uid: int, gid: int,

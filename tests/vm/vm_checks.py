@@ -8,6 +8,7 @@ The checks run in file order and share one daemon; each names what it proves.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
@@ -285,6 +286,38 @@ def test_memory_max_oom_kills_inside_the_agent_only() -> None:
     daemon_healthy(pid)
     assert alive(session)
     assert inspect()["state"] == "running"
+
+
+def test_our_helpers_in_the_agent_cgroup_are_not_oom_victims() -> None:
+    """init and `exec`'s waiter are forks of big Python processes (the daemon
+    is ~80 MB, above this agent's 64 MB limit) living in the agent's cgroup:
+    the OOM killer must not pick them (the sandbox, or the command's exit
+    status, would be lost), only the agent's own process."""
+    info = inspect()
+    init = info["session"]["pid"]
+    assert Path(f"/proc/{init}/oom_score_adj").read_text().strip() == "-1000"
+    cg = agent_cg()
+    sleeper = subprocess.Popen([CORRAL, "exec", AGENT, "--", "sleep", "37"])
+    try:
+        def find() -> int | None:
+            for pid in (cg / "cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):
+                    if Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x0037\x00":
+                        return int(pid)
+            return None
+        sleep_pid = wait_for("the exec'd sleep", find, timeout=60)
+        waiter = int(Path(f"/proc/{sleep_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert Path(f"/proc/{waiter}/oom_score_adj").read_text().strip() == "-1000"
+        assert Path(f"/proc/{sleep_pid}/oom_score_adj").read_text().strip() == "0"
+    finally:
+        sleeper.kill()
+        sleeper.wait(30)
+    before = kv(cg / "memory.events")["oom_kill"]
+    p = corral("exec", AGENT, "--", "sh", "-c",
+               "python3 -c 'b = []\nwhile True: b.append(b\"x\" * (4 << 20))'; echo rc=$?")
+    assert "rc=137" in p.stdout, p.stdout  # the bomb got SIGKILL, its shell and waiter did not
+    assert kv(cg / "memory.events")["oom_kill"] > before
+    assert alive(init)
 
 
 FORKER = """
