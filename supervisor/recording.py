@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import IO
 
@@ -41,14 +42,18 @@ _ESCAPES = ((b"\\", b"\\\\"), (b'"', b'\\"'), (b"\n", b"\\n"), (b"\r", b"\\r"),
             (b"\t", b"\\t"), (b"\x1b", b"\\u001b"), (b"\x08", b"\\b"),
             (b"\x07", b"\\u0007"))
 _NOT_CONTROL = bytes(range(0x20, 0x80))
+#: Recently quoted chunks: every client attached to a session records the same
+#: chunk objects (the hub hands each the keeper's frames), so one is quoted once.
+_QUOTED: OrderedDict[bytes, bytes | None] = OrderedDict()
+_QUOTED_KEEP = 16
 
 
-def _quote_ascii(data: bytes) -> str | None:
-    """`data` as a JSON string literal, or None when it is not plain ASCII.
+def _quote_ascii(data: bytes) -> bytes | None:
+    """The inside of `data`'s JSON string literal, or None when it is not plain ASCII.
 
     The same text json.dumps gives, at a few bulk bytes.replace passes instead
-    of a per-character encoder: a flood recorded for five clients is 5x the
-    output, and json.dumps (~150 MB/s) was the daemon's largest cost in it."""
+    of a per-character encoder (json.dumps, ~150 MB/s, was the daemon's
+    largest cost with five clients attached to a flood)."""
     if not data.isascii():
         return None
     for raw, esc in _ESCAPES:
@@ -56,7 +61,31 @@ def _quote_ascii(data: bytes) -> str | None:
             data = data.replace(raw, esc)
     if data.translate(None, _NOT_CONTROL):
         return None      # a control byte we have no short escape for
-    return '"' + data.decode("ascii") + '"'
+    return data
+
+
+def _quote_chunk(chunk: bytes) -> bytes | None:
+    if len(chunk) < 4096:
+        return _quote_ascii(chunk)   # small: cheaper to redo than to cache
+    try:
+        _QUOTED.move_to_end(chunk)
+        return _QUOTED[chunk]
+    except KeyError:
+        pass
+    quoted = _QUOTED[chunk] = _quote_ascii(chunk)
+    while len(_QUOTED) > _QUOTED_KEEP:
+        _QUOTED.popitem(last=False)
+    return quoted
+
+
+def _quote_all(chunks: list[bytes]) -> list[bytes] | None:
+    out: list[bytes] = []
+    for chunk in chunks:
+        q = _quote_chunk(chunk)
+        if q is None:
+            return None
+        out.append(q)
+    return out
 
 
 def recording_path(recordings_dir: str, agent: str, user: str, when: dt.datetime) -> str:
@@ -78,7 +107,7 @@ class AsciicastRecorder:
         self._start = time.monotonic()
         self._last_flush = self._start
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._file: IO[str] | None = None
+        self._file: IO[bytes] | None = None
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._pending_at = 0.0
@@ -86,7 +115,7 @@ class AsciicastRecorder:
         # O_EXCL: never append to (or through a symlink into) an existing file.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
                      0o600)
-        self._file = os.fdopen(fd, "w", encoding="utf-8", buffering=64 * 1024)
+        self._file = os.fdopen(fd, "wb", buffering=64 * 1024)
         header: dict[str, object] = {
             "version": 2,
             "width": max(1, int(width)),
@@ -96,7 +125,7 @@ class AsciicastRecorder:
         }
         if title:
             header["title"] = title
-        self._emit(json.dumps(header))
+        self._emit(json.dumps(header).encode())
 
     @property
     def bytes_written(self) -> int:
@@ -105,11 +134,11 @@ class AsciicastRecorder:
     def _elapsed(self, at: float | None = None) -> float:
         return round((time.monotonic() if at is None else at) - self._start, 6)
 
-    def _emit(self, line: str) -> None:
+    def _emit(self, line: bytes) -> None:
         if self._file is None:
             return
         try:
-            self._file.write(line + "\n")
+            self._file.write(line + b"\n")
             self._written += len(line) + 1
             now = time.monotonic()
             if now - self._last_flush >= FLUSH_INTERVAL:
@@ -123,11 +152,15 @@ class AsciicastRecorder:
     def _event(self, kind: str, data: str, at: float | None = None) -> None:
         if self._cut or self._file is None or not data:
             return
-        line = json.dumps([self._elapsed(at), kind, data], ensure_ascii=False)
+        self._emit_checked(json.dumps([self._elapsed(at), kind, data],
+                                      ensure_ascii=False).encode())
+
+    def _emit_checked(self, line: bytes) -> None:
+        """Write an event line, or the cut marker if it would pass max_bytes."""
         if self._written + len(line) + 1 > self._max:
             self._cut = True
             self._emit(json.dumps([self._elapsed(), "o",
-                                   "\r\n[corral: recording size limit reached]\r\n"]))
+                                   "\r\n[corral: recording size limit reached]\r\n"]).encode())
             return
         self._emit(line)
 
@@ -147,20 +180,18 @@ class AsciicastRecorder:
     def _flush_output(self) -> None:
         if not self._pending:
             return
-        data = b"".join(self._pending)
-        self._pending.clear()
+        chunks = self._pending
+        self._pending = []
         self._pending_size = 0
         if self._cut or self._file is None:
             return
-        quoted = None if self._decoder.getstate()[0] else _quote_ascii(data)
+        quoted = None if self._decoder.getstate()[0] else _quote_all(chunks)
         if quoted is None:
-            self._event("o", self._decoder.decode(data), self._pending_at)
+            # Non-ASCII or unusual control bytes: the exact (slower) path.
+            self._event("o", self._decoder.decode(b"".join(chunks)), self._pending_at)
             return
-        line = f'[{self._elapsed(self._pending_at)}, "o", {quoted}]'
-        if self._written + len(line) + 1 > self._max:
-            self._event("o", data.decode("ascii"), self._pending_at)   # writes the cut marker
-            return
-        self._emit(line)
+        self._emit_checked(b"".join((f'[{self._elapsed(self._pending_at)}, "o", "'.encode(),
+                                     *quoted, b'"]')))
 
     def input(self, data: bytes) -> None:
         """Keystrokes ("i" event); decoded leniently, one event per chunk."""

@@ -4,10 +4,13 @@ A newly attached client must see the current screen, not a raw replay of old
 bytes (which garbles full-screen programs). We feed the session's output into a
 pyte screen and, on attach, render that screen back as a compact ANSI repaint.
 
-Feeding pyte is the expensive part (pure Python), so output is queued raw and
-only parsed when a snapshot is needed; if more than FLOOD_AT bytes wait, older
-queued output is discarded and the screen rebuilt from the newest tail — the
-final screen of a flood is decided by its last bytes, and the daemon's CPU
+Feeding pyte is the expensive part (pure Python, about 165 KB/s here, and it
+runs on the daemon's event loop), so output is queued raw and parsed in small
+slices once the session has been quiet for a moment (`parse_some`, driven by
+the hub), or when a snapshot is needed. If more than FLOOD_AT bytes wait,
+older queued output is discarded and the screen rebuilt from the newest TAIL
+bytes — the final screen of a flood is decided by its last bytes — so a
+snapshot never parses more than FLOOD_AT bytes (~0.4 s) and the daemon's CPU
 stays bounded whatever the agent prints.
 """
 
@@ -17,8 +20,8 @@ import pyte
 import pyte.graphics
 
 #: Beyond this much unparsed output, only the newest TAIL bytes are parsed.
-FLOOD_AT = 2 * 1024 * 1024
-TAIL = 256 * 1024
+FLOOD_AT = 64 * 1024
+TAIL = 16 * 1024
 
 _FG = {v: k for k, v in {**pyte.graphics.FG_ANSI, **pyte.graphics.FG_AIXTERM}.items()}
 _BG = {v: k for k, v in {**pyte.graphics.BG_ANSI, **pyte.graphics.BG_AIXTERM}.items()}
@@ -84,6 +87,24 @@ class ScreenModel:
             self._pending = [tail]
             self._pending_size = len(tail)
             self._reset = True
+
+    @property
+    def pending(self) -> int:
+        return self._pending_size
+
+    def parse_some(self, limit: int) -> bool:
+        """Parse up to `limit` queued bytes; True if more wait."""
+        if not self._pending:
+            return False
+        data = b"".join(self._pending)
+        head, rest = data[:limit], data[limit:]
+        self._pending = [rest] if rest else []
+        self._pending_size = len(rest)
+        if self._reset:
+            self.screen.reset()
+            self._reset = False
+        self.stream.feed(head)
+        return bool(rest)
 
     def _flush(self) -> None:
         if not self._pending:

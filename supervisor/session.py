@@ -46,6 +46,11 @@ PACE_GRACE = 1.0
 READ_MAX = 256 * 1024
 #: Bytes asked of the keeper socket per read (its frames carry up to 256 KiB).
 SOCKET_READ = 1024 * 1024
+#: The screen model is parsed once output has been quiet this long, PARSE_SLICE
+#: bytes (~25 ms of pyte) per turn of the loop, so a late joiner's snapshot is
+#: cheap and a flood costs no parsing at all while it lasts.
+PARSE_QUIET = 0.2
+PARSE_SLICE = 4096
 WRITER_ROLES = ("collaborator", "owner")
 
 
@@ -92,22 +97,44 @@ class SessionClient:
 
     async def read(self) -> bytes:
         """Queued output, at most READ_MAX bytes; b"" once the client is closed."""
-        while not self._chunks:
-            if self.closed:
-                return b""
-            self._event.clear()
-            await self._event.wait()
+        if not await self._wait():
+            return b""
         if self._queued <= READ_MAX:
             data = b"".join(self._chunks)
             self._chunks.clear()
         else:
             data = self._take(READ_MAX)
-        self._queued -= len(data)
+        self._taken(len(data))
+        return data
+
+    async def read_chunks(self) -> list[bytes]:
+        """Queued output as the hub's own chunk objects (the same ones every
+        client gets, so per-chunk work like recording can be shared), about
+        READ_MAX bytes; [] once the client is closed."""
+        if not await self._wait():
+            return []
+        out: list[bytes] = []
+        size = 0
+        while self._chunks and size < READ_MAX:
+            out.append(self._chunks.popleft())
+            size += len(out[-1])
+        self._taken(size)
+        return out
+
+    async def _wait(self) -> bool:
+        while not self._chunks:
+            if self.closed:
+                return False
+            self._event.clear()
+            await self._event.wait()
+        return True
+
+    def _taken(self, size: int) -> None:
+        self._queued -= size
         if self._queued <= PACE_LOW:
             self.behind_since = None
             self.unpaced = False
             self.hub._client_drained()
-        return data
 
     def _take(self, limit: int) -> bytes:
         parts: list[bytes] = []
@@ -163,6 +190,8 @@ class SessionHub:
         self.exit_signal: int | None = None
         self.ended = False
         self._drained = asyncio.Event()
+        self._last_output = 0.0
+        self._parse_timer: asyncio.Handle | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
@@ -193,6 +222,7 @@ class SessionHub:
                         self.screen.feed(payload)
                         for c in list(self.clients):
                             c._push(payload)
+                        self._output_seen()
                     elif kind == kp.STATE:
                         st = json.loads(payload)
                         if not self._ready.is_set():
@@ -214,6 +244,9 @@ class SessionHub:
         finally:
             self.ended = True
             self.exit_status = status
+            if self._parse_timer is not None:
+                self._parse_timer.cancel()
+                self._parse_timer = None
             for c in list(self.clients):
                 self._detach(c, "session ended")
             for fut in self._state_waiters:
@@ -222,6 +255,24 @@ class SessionHub:
             self._ready.set()
             if self.on_exit:
                 self.on_exit(status)
+
+    def _output_seen(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._last_output = loop.time()
+        if self._parse_timer is None:
+            self._parse_timer = loop.call_later(PARSE_QUIET, self._parse_tick)
+
+    def _parse_tick(self) -> None:
+        """Parse the screen model a slice at a time while the session is quiet."""
+        loop = asyncio.get_running_loop()
+        self._parse_timer = None
+        if self.ended:
+            return
+        quiet_at = self._last_output + PARSE_QUIET
+        if loop.time() < quiet_at:
+            self._parse_timer = loop.call_at(quiet_at, self._parse_tick)
+        elif self.screen.parse_some(PARSE_SLICE):
+            self._parse_timer = loop.call_soon(self._parse_tick)
 
     async def _pace(self) -> None:
         """Wait while a client that keeps up is too far behind (module doc)."""

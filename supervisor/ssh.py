@@ -38,6 +38,25 @@ KEX_ALGS = [
     "ecdh-sha2-nistp256",
     "diffie-hellman-group14-sha256",
 ]
+# Ciphers: AES (hardware-accelerated, one C call per packet in `cryptography`)
+# and no chacha20-poly1305, which OpenSSH's client would otherwise pick first:
+# asyncssh builds three cipher objects per chacha packet, and it sends two
+# packets per 32 KiB of session output, so with several clients attached
+# chacha was the daemon's largest cost (scripts/bench_ssh.py). AES-CTR stays
+# for clients without GCM (paramiko); with it, MACs are encrypt-then-MAC SHA-2.
+ENCRYPTION_ALGS = [
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "aes128-ctr",
+    "aes192-ctr",
+    "aes256-ctr",
+]
+MAC_ALGS = [
+    "hmac-sha2-256-etm@openssh.com",
+    "hmac-sha2-512-etm@openssh.com",
+    "hmac-sha2-256",
+    "hmac-sha2-512",
+]
 
 
 def load_or_create_host_key(path: str) -> asyncssh.SSHKey:
@@ -117,7 +136,7 @@ async def start_ssh_server(manager: ManagerLike, host: str, port: int, host_key_
     acceptor = await asyncssh.create_server(
         lambda: CorralSSHServer(ctx), host, port,
         server_host_keys=[key],
-        kex_algs=KEX_ALGS,
+        kex_algs=KEX_ALGS, encryption_algs=ENCRYPTION_ALGS, mac_algs=MAC_ALGS,
         # public keys only; everything else off at the protocol level
         public_key_auth=True, password_auth=False, kbdint_auth=False,
         host_based_auth=False, gss_host=None,

@@ -347,13 +347,22 @@ class AgentSession(SSHServerStreamSession[bytes]):
                 if rec is not None:
                     rec.output(client.snapshot)
                 await self._send(stdout, client.snapshot)
+            read_chunks = getattr(client, "read_chunks", None)
             while True:
-                data = await client.read()
-                if not data:
+                chunks: list[bytes] = (await read_chunks() if read_chunks is not None
+                                       else [await client.read()])
+                if not chunks or not chunks[0]:
                     break
                 if rec is not None:
-                    rec.output(data)
-                await self._send(stdout, data)
+                    for data in chunks:
+                        rec.output(data)
+                # One write: asyncssh sends each write as its own packets (plus
+                # an SSH_MSG_IGNORE each), so small chunks must not go one by one.
+                stdout.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                # Wait only when asyncssh has paused us (buffer above WRITE_HIGH); a
+                # client that does not take the data within drain_timeout is dropped.
+                if self._write_paused:
+                    await asyncio.wait_for(stdout.drain(), timeout=self._limits.drain_timeout)
             # Say why the view ended (session exited, dropped as slow, revoked).
             reason = getattr(client, "dropped_reason", "")
             if reason and reason != "closed":
