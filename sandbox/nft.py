@@ -845,19 +845,30 @@ def _guarded_elsewhere(scope: str, ifname: str) -> bool:
     return False
 
 
-def default_uplinks() -> list[str]:
-    """The interfaces of the main table's IPv4 default routes (where agent traffic leaves)."""
-    res = subprocess.run(
-        ["ip", "-j", "-4", "route", "show", "default"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=30,
-    )
-    if res.returncode != 0:
-        raise HostSetupError(f"ip route show default failed: {res.stderr.strip()}")
-    routes = json.loads(res.stdout or "[]")
-    return sorted({r["dev"] for r in routes if "dev" in r})
+#: /proc/net/route flags (linux/route.h).
+_RTF_UP, _RTF_REJECT = 0x1, 0x200
+
+
+def default_uplinks(proc_route: str = "/proc/net/route") -> list[str]:
+    """The interfaces of the main table's IPv4 default routes (where agent traffic leaves).
+
+    Read from /proc/net/route (the main table, as `ip -4 route show default`
+    shows it) rather than by running `ip`: a fork of the daemon at every start.
+    """
+    try:
+        lines = Path(proc_route).read_text().splitlines()[1:]
+    except OSError as e:
+        raise HostSetupError(f"cannot read {proc_route}: {e.strerror}") from e
+    out = set()
+    for line in lines:
+        f = line.split()
+        if len(f) < 8 or f[0] == "*":
+            continue
+        flags = int(f[3], 16)
+        if f[1] == "00000000" and f[7] == "00000000" and flags & _RTF_UP \
+                and not flags & _RTF_REJECT:
+            out.add(f[0])
+    return sorted(out)
 
 
 def ensure_table(scope: str, uplinks: Sequence[str] = ()) -> None:

@@ -221,6 +221,27 @@ def test_reload_changes_a_live_agent(e: Env, tmp_path: Path) -> None:
     assert _ifindex(ag.veth) == ifindex  # the same agent, not a recreated one
 
 
+def test_nft_binary_fallback_sees_and_does_the_same(
+    e: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libnftables in process and the `nft` binary read the same table and make
+    the same changes (the binary is the fallback where the library is missing)."""
+    w, ag = e.world, e.a0
+    e.apply(ag, [f"{w.w1}:7", w.w2])
+    in_process = nft.read_state(e.scope)
+    assert nft._libnft() is not None  # the in-process path is what ran above
+    monkeypatch.setattr(nft, "_lib_state", [None])
+    assert nft.read_state(e.scope) == in_process
+    assert in_process.veth_of("agent-0") == ag.veth
+    # a reload through the binary: w2 goes, w1:7 stays
+    e.apply(ag, [f"{w.w1}:7"])
+    assert nft.agents(e.scope)["agent-0"] == ag.veth
+    assert ag.tcp(w.w1, 7)
+    assert not ag.tcp(w.w2, 9000)
+    monkeypatch.undo()
+    assert nft.read_state(e.scope).of("s4", ag.veth) == []
+
+
 def _ifindex(ifname: str) -> int:
     return int(Path(f"/sys/class/net/{ifname}/ifindex").read_text())
 

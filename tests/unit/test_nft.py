@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sandbox import nft
@@ -339,3 +341,19 @@ def test_clamp_ttl() -> None:
     assert nft.clamp_ttl(0) == nft.MIN_LEARNED_TTL
     assert nft.clamp_ttl(300) == 300
     assert nft.clamp_ttl(86400) == nft.MAX_LEARNED_TTL
+
+
+def test_default_uplinks_from_proc_net_route(tmp_path: Path) -> None:
+    route = tmp_path / "route"
+    route.write_text(
+        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
+        "eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"
+        "wlan0\t00000000\t010300C0\t0003\t0\t0\t600\t00000000\t0\t0\t0\n"
+        "eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"  # not default
+        "eth1\t00000000\t010400C0\t0002\t0\t0\t0\t00000000\t0\t0\t0\n"  # not up
+        "*\t00000000\t00000000\t0201\t0\t0\t0\t00000000\t0\t0\t0\n"  # unreachable
+        "eth2\t00000000\t00000000\t0201\t0\t0\t0\t00000000\t0\t0\t0\n"  # reject
+    )
+    assert nft.default_uplinks(str(route)) == ["eth0", "wlan0"]
+    with pytest.raises(CorralError, match="cannot read"):
+        nft.default_uplinks(str(tmp_path / "missing"))
