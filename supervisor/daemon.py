@@ -16,11 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import importlib
 import logging
 import os
 import signal
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +87,55 @@ def _vacate_v2_root(root: str) -> None:
             (holder / "cgroup.procs").write_text(pid)
 
 
+def _prewarm(modules: tuple[str, ...]) -> threading.Thread:
+    """Import `modules` in a background thread, while the loop reconciles.
+
+    aiohttp (the API) and asyncssh (SSH) take ~0.5 s to import, all of it
+    before the API can answer if done in line after reconcile; reconcile spends
+    much of its time waiting (keeper sockets, worker threads, the kernel), and
+    the imports fill those waits. Python's per-module import locks make the
+    later `import` in the loop wait for (or reuse) this one; a failure here is
+    left for that import to raise again.
+    """
+    def body() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # the real import reports it
+                return
+
+    th = threading.Thread(target=body, name="corral-prewarm", daemon=True)
+    th.start()
+    return th
+
+
+class _Timeline:
+    """Where start-up time goes, for the ready log line (restart time matters)."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[str, float]] = []
+        self.last = time.monotonic()
+
+    def mark(self, what: str) -> None:
+        now = time.monotonic()
+        self.marks.append((what, now - self.last))
+        self.last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{what} {secs * 1e3:.0f} ms" for what, secs in self.marks)
+
+
+def _process_age() -> float:
+    """Seconds since this process was exec'd (interpreter start and imports included)."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        start = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -95,6 +147,9 @@ class Daemon:
 
     async def run(self) -> int:
         cfg = self.config
+        tl = _Timeline()
+        tl.marks.append(("exec to run", _process_age()))
+        _prewarm(("supervisor.api", "supervisor.ssh"))
         for d in (cfg.state_dir, f"{cfg.state_dir}/agents"):
             Path(d).mkdir(parents=True, exist_ok=True, mode=0o711)
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -115,6 +170,7 @@ class Daemon:
         registry = TemplateRegistry(cfg.templates, protected=(cfg.state_dir, cfg.run_dir))
         mgr = Manager(cfg, store, registry, cg, own, scope, bus)
         self.manager = mgr
+        tl.mark("setup")
         try:
             from supervisor.netpolicy import NetPolicy
             self.netpolicy = NetPolicy(cfg, scope, mgr)
@@ -122,11 +178,14 @@ class Daemon:
             mgr.network = self.netpolicy
         except ImportError:
             log.warning("network policy module missing: agents get no egress rules")
+        tl.mark("network")
         sd_notify("STATUS=reconciling agents")
         await mgr.reconcile()
+        tl.mark("reconcile")
         mgr.spawn(mgr.monitor(), "resource-monitor")
         from supervisor.api import serve
         self.api = await serve(mgr, cfg.api_socket)
+        tl.mark("api")
         try:
             from supervisor.ssh import start_ssh_server
             self.ssh = await start_ssh_server(
@@ -134,6 +193,7 @@ class Daemon:
                 f"{cfg.state_dir}/recordings")
         except ImportError:
             log.warning("ssh module missing: no SSH server")
+        tl.mark("ssh")
         bus.emit("daemon.started", None, version=__version__, pid=os.getpid(),
                  cgroup_driver=cg.version)
         n = len(store.list_agents())
@@ -141,6 +201,7 @@ class Daemon:
                   f"MAINPID={os.getpid()}")
         log.info("corral %s ready: api %s, ssh %s:%s, cgroup %s, %d agents", __version__,
                  cfg.api_socket, cfg.ssh.host, cfg.ssh.port, cg.version, n)
+        log.info("started in %.2f s since exec (%s)", _process_age(), tl)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
