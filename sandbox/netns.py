@@ -207,16 +207,14 @@ IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_OIF, RTA_GATEWAY = 4, 5
 RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST = 254, 3, 0, 1
 IFF_UP = 0x1
+#: Seconds to wait for the kernel's answer to a request.
+NETLINK_TIMEOUT = 10.0
 
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst/src len, tos, table, proto, scope, type, flags
 _RTATTR = struct.Struct("=HH")  # len, type
-
-
-class NetlinkError(OSError):
-    """A request the kernel answered with an error (errno in .errno)."""
 
 
 def _attr(kind: int, payload: bytes) -> bytes:
@@ -253,6 +251,8 @@ class _Rtnl:
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                                   socket.NETLINK_ROUTE)
+        # the kernel answers at once; a missing answer is a bug, not a wait
+        self.sock.settimeout(NETLINK_TIMEOUT)
         self.sock.bind((0, 0))
         self.seq = 0
 
@@ -274,7 +274,7 @@ class _Rtnl:
             seq, msg = self._msg(kind, flags | NLM_F_ACK, body)
             seqs.append(seq)
             data += msg
-        self.sock.send(data)
+        self._send(data)
         errs: dict[int, int] = {}
         while len(errs) < len(seqs):
             for kind, seq, payload in self._recv():
@@ -282,8 +282,17 @@ class _Rtnl:
                     errs[seq] = -struct.unpack_from("=i", payload)[0]
         return [errs[s] for s in seqs]
 
+    def _send(self, data: bytes) -> None:
+        try:
+            self.sock.send(data)
+        except OSError as e:
+            raise KernelError(f"netlink send failed: {e}", errno=e.errno or 0) from e
+
     def _recv(self) -> list[tuple[int, int, bytes]]:
-        buf = self.sock.recv(65536)
+        try:
+            buf = self.sock.recv(65536)
+        except OSError as e:  # TimeoutError included
+            raise KernelError(f"netlink receive failed: {e}", errno=e.errno or 0) from e
         out = []
         off = 0
         while off + _NLMSGHDR.size <= len(buf):
@@ -298,7 +307,7 @@ class _Rtnl:
         """The link called `ifname`, or None (one RTM_GETLINK by name, not a dump)."""
         seq, msg = self._msg(RTM_GETLINK, 0,
                              _IFINFOMSG.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _cstr(ifname)))
-        self.sock.send(msg)
+        self._send(msg)
         while True:
             for kind, rseq, payload in self._recv():
                 if rseq != seq:
