@@ -16,13 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import importlib
 import logging
 import os
 import signal
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -87,28 +85,6 @@ def _vacate_v2_root(root: str) -> None:
             (holder / "cgroup.procs").write_text(pid)
 
 
-def _prewarm(modules: tuple[str, ...]) -> threading.Thread:
-    """Import `modules` in a background thread, while the loop reconciles.
-
-    aiohttp (the API) and asyncssh (SSH) take ~0.5 s to import, all of it
-    before the API can answer if done in line after reconcile; reconcile spends
-    much of its time waiting (keeper sockets, worker threads, the kernel), and
-    the imports fill those waits. Python's per-module import locks make the
-    later `import` in the loop wait for (or reuse) this one; a failure here is
-    left for that import to raise again.
-    """
-    def body() -> None:
-        for name in modules:
-            try:
-                importlib.import_module(name)
-            except Exception:  # the real import reports it
-                return
-
-    th = threading.Thread(target=body, name="corral-prewarm", daemon=True)
-    th.start()
-    return th
-
-
 class _Timeline:
     """Where start-up time goes, for the ready log line (restart time matters)."""
 
@@ -149,7 +125,6 @@ class Daemon:
         cfg = self.config
         tl = _Timeline()
         tl.marks.append(("exec to run", _process_age()))
-        _prewarm(("supervisor.api", "supervisor.ssh"))
         for d in (cfg.state_dir, f"{cfg.state_dir}/agents"):
             Path(d).mkdir(parents=True, exist_ok=True, mode=0o711)
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True, mode=0o755)
