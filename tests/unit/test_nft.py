@@ -357,3 +357,33 @@ def test_default_uplinks_from_proc_net_route(tmp_path: Path) -> None:
     assert nft.default_uplinks(str(route)) == ["eth0", "wlan0"]
     with pytest.raises(CorralError, match="cannot read"):
         nft.default_uplinks(str(tmp_path / "missing"))
+
+
+def test_state_for_reads_only_what_the_change_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new agent on a new veth reads agent_ifs only; a reload in place reads the
+    reloaded sets (not the big learned/denied ones); a move or takeover reads it all."""
+    hooked = [{"set": {"name": "agent_ifs", "type": "ifname",
+                       "elem": [{"elem": {"val": "cv1", "comment": "web-1"}}]}}]
+    listed: list[str] = []
+
+    def set_json(table: str, name: str, kind: str = "set") -> list[dict[str, object]]:
+        listed.append(name)
+        return hooked if name == "agent_ifs" else []
+
+    full = nft.TableState(owners={"cv1": "web-1"}, gens={"cv1": 5})
+    monkeypatch.setattr(nft, "_set_json", set_json)
+    monkeypatch.setattr(nft, "read_state", lambda scope: full)
+
+    fresh = nft._state_for("s", "web-2", "cv2")
+    assert listed == ["agent_ifs"]
+    assert fresh.owners == {"cv1": "web-1"}
+    assert "agent_ifs" in nft.plan_agent("s", "web-2", "cv2", "198.19.0.6", "198.19.0.5", [],
+                                         state=fresh)
+
+    listed.clear()
+    nft._state_for("s", "web-1", "cv1")
+    assert listed == ["agent_ifs", *nft._RELOADED, "gen_map"]
+    assert not set(listed) & {"l4", "l4p", "dn4", "c_ok"}
+
+    assert nft._state_for("s", "web-1", "cv9") is full  # the agent moves to another veth
+    assert nft._state_for("s", "web-3", "cv1") is full  # another agent takes cv1 over
