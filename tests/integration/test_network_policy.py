@@ -227,6 +227,8 @@ def test_nft_binary_fallback_sees_and_does_the_same(
     """libnftables in process and the `nft` binary read the same table and make
     the same changes (the binary is the fallback where the library is missing)."""
     w, ag = e.world, e.a0
+    monkeypatch.delenv("CORRAL_NFT_BINARY", raising=False)
+    monkeypatch.setattr(nft, "_lib_state", [])  # load the library afresh
     e.apply(ag, [f"{w.w1}:7", w.w2])
     in_process = nft.read_state(e.scope)
     assert nft._libnft() is not None  # the in-process path is what ran above
