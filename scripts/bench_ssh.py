@@ -29,13 +29,13 @@ import pty
 import select
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -121,6 +121,7 @@ class PtyClient:
         if self.pid == 0:
             os.execvp(argv[0], argv)  # noqa: S606 - fixed argv, no shell
         self.buf = bytearray()
+        self.count = 0
 
     def drain(self, marker: bytes, deadline: float) -> bool:
         while time.monotonic() < deadline:
@@ -152,6 +153,8 @@ def main() -> int:
     ap.add_argument("--skip-login", action="store_true",
                     help="only the fan-out part (no throwaway sshd); docs are not rewritten")
     ap.add_argument("--clients", default="1,5", help="comma-separated client counts")
+    ap.add_argument("--fanout-runs", type=int, default=5,
+                    help="fan-out runs per client count (corral and tmux interleaved)")
     ap.add_argument("--profile", type=Path, default=None,
                     help="py-spy the daemon and the keeper during corral's fan-out into DIR")
     args = ap.parse_args()
@@ -165,7 +168,7 @@ def main() -> int:
     out = [f"# SSH benchmark — {platform.node()}, {platform.platform()}, {os.cpu_count()} CPUs, "
            f"load {os.getloadavg()[0]:.1f}\n",
            f"Command: `sudo .venv/bin/python scripts/bench_ssh.py --runs {args.runs} "
-           f"--mbytes {args.mbytes}`\n"]
+           f"--mbytes {args.mbytes} --fanout-runs {args.fanout_runs}`\n"]
     try:
         d.start()
         proj = tmp / "project"
@@ -181,36 +184,38 @@ def main() -> int:
             with throwaway_sshd(tmp, key) as sshd_port:
                 out += login_latency(d, key, sshd_port, args.runs)
         out.append("")
-        out += [f"| session output, {args.mbytes} MB, to N clients | corral s | tmux s |",
-                "|---|---:|---:|"]
+        out += [f"| session output, {args.mbytes} MB, to N clients (median of "
+                f"{args.fanout_runs}) | corral s | tmux s | corral / tmux "
+                "| MB read per client, corral / tmux | server CPU s, corral / tmux |",
+                "|---|---:|---:|---:|---:|---:|"]
         subprocess.run(["tmux", "-L", tmux_sock, "new-session", "-d", "-x", "120", "-y", "40",
                         "bash --norc"], check=True)
         ssh_client = ["ssh", "-tt", "-p", str(d.ssh_port), *SSH_OPTS, "-i", str(key),
                       "bench@127.0.0.1"]
         tmux_client = ["tmux", "-L", tmux_sock, "attach"]
+
+        def tmux_send(text: str) -> None:
+            keys = ["Enter"] if text == "\r" else ["-l", text]
+            subprocess.run(["tmux", "-L", tmux_sock, "send-keys", *keys], check=True)
+
         for n in (int(x) for x in args.clients.split(",")):
-            # corral: the command is typed through one more collaborator's stdin
-            feeder = subprocess.Popen(ssh_client, stdin=subprocess.PIPE,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            assert feeder.stdin is not None
-            fin = feeder.stdin
-
-            def corral_send(text: str, fin: IO[bytes] = fin) -> None:
-                fin.write(text.encode())
-                fin.flush()
-
-            def tmux_send(text: str) -> None:
-                keys = ["Enter"] if text == "\r" else ["-l", text]
-                subprocess.run(["tmux", "-L", tmux_sock, "send-keys", *keys], check=True)
-
-            with _profiled(args.profile, d, f"c{n}"):
-                t_corral = _timed(lambda n=n: _fanout_with(  # type: ignore[misc]
-                    [ssh_client] * n, corral_send, args.mbytes, f"c{n}"))
-            feeder.kill()
-            feeder.wait()
-            t_tmux = _timed(lambda n=n: _fanout_with([tmux_client] * n,  # type: ignore[misc]
-                                                     tmux_send, args.mbytes, f"t{n}"))
-            out.append(f"| {n} | {t_corral} | {t_tmux} |")
+            corral: list[Result] = []
+            tmux: list[Result] = []
+            corral_pids = [d.proc.pid] if d.proc else []
+            corral_pids += [k] if (k := _keeper_pid(d)) else []
+            tmux_pids = [int(x) for x in subprocess.run(
+                ["tmux", "-L", tmux_sock, "display-message", "-p", "#{pid}"],
+                capture_output=True, text=True).stdout.split()]
+            cpu: dict[str, list[float]] = {"corral": [], "tmux": []}
+            for run in range(args.fanout_runs):
+                # interleaved, so a change in machine load hits both alike
+                with _profiled(args.profile if run == 0 else None, d, f"c{n}"), \
+                        _cpu(corral_pids, cpu["corral"]):
+                    corral.append(_corral_fanout(ssh_client, n, args.mbytes, f"c{n}r{run}"))
+                with _cpu(tmux_pids, cpu["tmux"]):
+                    tmux.append(_timed(lambda n=n, run=run: _fanout_with(  # type: ignore[misc]
+                        [tmux_client] * n, tmux_send, args.mbytes, f"t{n}r{run}")))
+            out.append(_fanout_row(n, corral, tmux, cpu))
     finally:
         subprocess.run(["tmux", "-L", tmux_sock, "kill-server"], capture_output=True)
         if d.proc is not None:
@@ -264,17 +269,77 @@ def _keeper_pid(d: Daemon) -> int | None:
     return None
 
 
-def _timed(fn: Callable[[], float]) -> str:
-    """Seconds, or why there is no number (corral drops a client that cannot
-    keep up instead of slowing the agent: THREATS.md)."""
+#: One fan-out run: (seconds, fewest bytes any client read), or why there is none.
+Result = tuple[float, int] | str
+
+
+def _timed(fn: Callable[[], tuple[float, int]]) -> Result:
+    """The run's result, or why there is none (corral drops a client that
+    cannot keep up instead of slowing the agent: THREATS.md)."""
     try:
-        return f"{fn():.2f}"
+        return fn()
     except RuntimeError as e:
-        return f"n/a ({e})"
+        return str(e)
+
+
+def _corral_fanout(ssh_client: list[str], n: int, mbytes: int, tag: str) -> Result:
+    # corral: the command is typed through one more collaborator's stdin
+    feeder = subprocess.Popen(ssh_client, stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert feeder.stdin is not None
+    fin = feeder.stdin
+
+    def send(text: str) -> None:
+        fin.write(text.encode())
+        fin.flush()
+
+    try:
+        return _timed(lambda: _fanout_with([ssh_client] * n, send, mbytes, tag))
+    finally:
+        feeder.kill()
+        feeder.wait()
+
+
+@contextlib.contextmanager
+def _cpu(pids: list[int], out: list[float]) -> Iterator[None]:
+    """CPU seconds the server processes (daemon + keeper, or tmux's server) use."""
+    def total() -> float:
+        t = 0
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                fields = stat[stat.rindex(")") + 2:].split()
+                t += int(fields[11]) + int(fields[12])
+        return t / os.sysconf("SC_CLK_TCK")
+    before = total()
+    yield
+    out.append(total() - before)
+
+
+def _fanout_row(n: int, corral: list[Result], tmux: list[Result],
+                cpu: dict[str, list[float]]) -> str:
+    def summary(rs: list[Result]) -> tuple[float | None, str, str]:
+        ok = [r for r in rs if not isinstance(r, str)]
+        fails = [r for r in rs if isinstance(r, str)]
+        if not ok:
+            return None, f"n/a ({fails[0]})", "-"
+        t = statistics.median(x[0] for x in ok)
+        note = f" ({len(fails)} of {len(rs)} runs failed: {fails[0]})" if fails else ""
+        mb = min(x[1] for x in ok) / 1e6
+        return t, f"{t:.2f}{note}", f"{mb:.1f}"
+
+    tc, sc, mc = summary(corral)
+    tt, st, mt = summary(tmux)
+    ratio = f"{tc / tt:.2f}" if tc is not None and tt else "-"
+    cc, ct = (statistics.median(cpu[k]) for k in ("corral", "tmux"))
+    return f"| {n} | {sc} | {st} | {ratio} | {mc} / {mt} | {cc:.2f} / {ct:.2f} |"
 
 
 def _fanout_with(clients_argv: list[list[str]], send: Callable[[str], None], mbytes: int,
-                 tag: str) -> float:
+                 tag: str) -> tuple[float, int]:
+    """Time until every client has read the marker that ends the output, and
+    the fewest bytes a client read by then. One reader serves all clients of
+    both servers alike: select() on their ptys, read whatever is there."""
     clients = [PtyClient(a) for a in clients_argv]
     try:
         time.sleep(2)
@@ -283,6 +348,8 @@ def _fanout_with(clients_argv: list[list[str]], send: Callable[[str], None], mby
         marker = f"END{tag}{os.getpid()}"
         cmd = (f"head -c {mbytes * 1024 * 1024} /dev/zero | tr '\\0' 'x' | fold -w 100; "
                f"echo END''{tag}{os.getpid()}")
+        for c in clients:
+            c.count = 0
         t = time.perf_counter()
         send(cmd)
         send("\r")
@@ -302,11 +369,12 @@ def _fanout_with(clients_argv: list[list[str]], send: Callable[[str], None], mby
                     except OSError:
                         raise RuntimeError(f"{tag}: a client was disconnected") from None
                     c.buf += data
+                    c.count += len(data)
                     if mark in c.buf[-4096:]:
                         done.add(c.fd)
                     if len(c.buf) > 8192:
                         del c.buf[:-4096]
-        return time.perf_counter() - t
+        return time.perf_counter() - t, min(c.count for c in clients)
     finally:
         for c in clients:
             c.close()

@@ -57,6 +57,14 @@ PACE_STALL = 10.0
 #: or this much is gathered, so a flood costs one frame per READ_BATCH, not one
 #: per (4 KiB) PTY read, at every hop after the keeper.
 READ_BATCH = 256 * 1024
+#: While output flows (the previous PTY read was less than FLOW_GAP ago), what
+#: is read is held up to HOLD seconds, or until HOLD_BYTES gather, and sent as
+#: one frame: a program printing line by line made a frame per ~1 KiB read,
+#: and every frame costs a wakeup and a packet at each hop to every client. An
+#: isolated write (a keystroke's echo) still goes out at once.
+FLOW_GAP = 0.005
+HOLD = 0.002
+HOLD_BYTES = 64 * 1024
 #: Keystrokes buffered for a PTY that is not reading (agent busy).
 INPUT_BACKLOG = 1024 * 1024
 
@@ -137,6 +145,10 @@ class Keeper:
         self.pty_open = True
         self.pty_paused = False
         self._pty_mask = 0
+        self._held: list[bytes] = []
+        self._held_size = 0
+        self._held_until = 0.0
+        self._last_read = 0.0
 
     # --- the loop ---
     def run(self) -> int:
@@ -148,6 +160,8 @@ class Keeper:
         while True:
             # While paced, wake up now and then to notice a subscriber that stalled.
             timeout = 0.5 if self.pty_paused else 5.0
+            if self._held:
+                timeout = max(0.0, self._held_until - time.monotonic())
             for key, events in self.sel.select(timeout=timeout):
                 tag = key.data
                 if tag == "pty":
@@ -162,11 +176,14 @@ class Keeper:
                     self._reap()
                 elif isinstance(tag, Client):
                     self._client_event(tag, events)
+            if self._held and (time.monotonic() >= self._held_until or not self.pty_open):
+                self._send_held()
             self._pace()
             if self.exit_status is not None:
                 # Drain what the session printed last, then tell everyone.
                 while self.pty_open and self._read_pty():
                     pass
+                self._send_held()
                 self._finish()
                 return 0
 
@@ -200,11 +217,27 @@ class Keeper:
             chunks.append(data)
             size += len(data)
         if chunks:
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            self.ring.append(data)
-            self.log.write(data)
-            self._broadcast(kp.frame(kp.OUTPUT, data))
+            now = time.monotonic()
+            flowing = now - self._last_read < FLOW_GAP
+            self._last_read = now
+            if not self._held:
+                self._held_until = now + HOLD
+            self._held += chunks
+            self._held_size += size
+            if not flowing or self._held_size >= HOLD_BYTES:
+                self._send_held()
         return open_
+
+    def _send_held(self) -> None:
+        """Pass held output on: scrollback, session log, one OUTPUT frame."""
+        if not self._held:
+            return
+        data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+        self._held = []
+        self._held_size = 0
+        self.ring.append(data)
+        self.log.write(data)
+        self._broadcast(kp.frame(kp.OUTPUT, data))
 
     def _flush_pty(self) -> None:
         try:

@@ -30,6 +30,7 @@ import asyncio
 import logging
 import re
 import signal as signal_mod
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -132,6 +133,37 @@ class _ExitOnClose(asyncssh.SSHWriter[bytes]):
 
 
 EXEC_HANGUP_GRACE = 5.0
+
+
+class _Cork:
+    """TCP_CORK around one burst of channel writes.
+
+    asyncssh sends every packet with its own send() on a TCP_NODELAY socket,
+    and puts an SSH_MSG_IGNORE packet before each data packet: one 256 KiB
+    write became 16 segments, half of them 36-byte ones that each woke the
+    client. Corked, the kernel sends full segments; uncorking flushes at once.
+    """
+
+    def __init__(self, sock: object) -> None:
+        fileno = getattr(sock, "fileno", None)
+        family = getattr(sock, "family", None)
+        self._sock = sock if callable(fileno) and family in (socket.AF_INET,
+                                                             socket.AF_INET6) else None
+
+    def _set(self, on: bool) -> None:
+        setsockopt = getattr(self._sock, "setsockopt", None)
+        if setsockopt is None:
+            return
+        try:
+            setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1 if on else 0)
+        except OSError:
+            self._sock = None   # not worth a second try on this connection
+
+    def __enter__(self) -> None:
+        self._set(True)
+
+    def __exit__(self, *exc: object) -> None:
+        self._set(False)
 
 
 def _close_proc(proc: ExecProcessLike) -> None:
@@ -348,6 +380,7 @@ class AgentSession(SSHServerStreamSession[bytes]):
                     rec.output(client.snapshot)
                 await self._send(stdout, client.snapshot)
             read_chunks = getattr(client, "read_chunks", None)
+            cork = _Cork(self._chan.get_extra_info("socket") if self._chan else None)
             while True:
                 chunks: list[bytes] = (await read_chunks() if read_chunks is not None
                                        else [await client.read()])
@@ -358,7 +391,8 @@ class AgentSession(SSHServerStreamSession[bytes]):
                         rec.output(data)
                 # One write: asyncssh sends each write as its own packets (plus
                 # an SSH_MSG_IGNORE each), so small chunks must not go one by one.
-                stdout.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                with cork:
+                    stdout.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
                 # Wait only when asyncssh has paused us (buffer above WRITE_HIGH); a
                 # client that does not take the data within drain_timeout is dropped.
                 if self._write_paused:
