@@ -129,6 +129,7 @@ class Manager:
         self.started = time.time()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.zygote: Any = None  # supervisor.zygote.Zygote, the keeper fork server
+        self.closing = False  # set by close(): hubs ending now are not agents ending
 
     # ------------------------------------------------------------------ helpers
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
@@ -483,8 +484,8 @@ class Manager:
         p = self.paths(name)
 
         def on_exit(status: int | None) -> None:
-            if rt.stopping:
-                return
+            if rt.stopping or self.closing:
+                return  # we let go of it (stop, or the daemon's own shutdown)
             row = self.store.get_agent(name)
             if status is None and row is not None and self._keeper_alive(row):
                 # Our connection broke (e.g. the keeper dropped us as too slow)
@@ -845,6 +846,7 @@ class Manager:
 
     async def close(self) -> None:
         """Daemon shutdown: agents keep running (their keepers do not need us)."""
+        self.closing = True
         for rt in self.runtimes.values():
             if rt.services is not None:
                 with contextlib.suppress(Exception):
