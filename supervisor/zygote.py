@@ -41,6 +41,8 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 
+from sandbox.errors import CorralError
+
 log = logging.getLogger(__name__)
 
 #: A request or answer never comes near this (an argv of paths and a JSON map).
@@ -169,6 +171,8 @@ class Zygote:
         self._lock = asyncio.Lock()
         self._next_id = 0
         self._ready = False
+        #: A fork takes milliseconds; no answer in this long means the server hangs.
+        self.answer_timeout = 10.0
 
     def start(self) -> None:
         """Start the fork server (if it is not running); it says hello once imported.
@@ -209,30 +213,47 @@ class Zygote:
         log.debug("keeper fork server %d ready", self.proc.pid if self.proc else -1)
 
     async def spawn(self, argv: Sequence[str], stdout_fd: int, stderr_fd: int) -> int:
-        """Fork a keeper running `keeper.main(argv)`; returns its pid."""
+        """Fork a keeper running `keeper.main(argv)`; returns its pid.
+
+        ZygoteError (the caller may start the keeper another way) only when the
+        request certainly forked nothing: the server could not start, refused,
+        or was found dead before it took the request (then it is restarted and
+        asked once more). Once a request is delivered, a lost answer is a
+        CorralError: a keeper may exist, and a second one must not be started.
+        """
         loop = asyncio.get_running_loop()
         async with self._lock:
             for attempt in (1, 2):
-                self.start()
-                if not self._ready:
-                    await self._await_ready()
+                try:
+                    self.start()
+                    if not self._ready:
+                        await self._await_ready()
+                except ZygoteError:
+                    if attempt == 2:
+                        raise
+                    continue
                 assert self.sock is not None  # noqa: S101 - set by start
                 self._next_id += 1
                 req = json.dumps({"id": self._next_id, "argv": list(argv)}).encode()
                 try:
                     self.sock.sendmsg([req], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                array.array("i", [stdout_fd, stderr_fd]))])
-                    data = await asyncio.wait_for(loop.sock_recv(self.sock, MAX_MESSAGE), 10)
-                except (OSError, TimeoutError) as e:
+                except OSError as e:  # not delivered (a dead server: EPIPE)
                     self.close()
                     if attempt == 2:
                         raise ZygoteError(f"keeper fork server failed: {e}") from None
                     continue
-                if not data:  # it died: start a new one and try once more
+                try:
+                    data = await asyncio.wait_for(loop.sock_recv(self.sock, MAX_MESSAGE),
+                                                  self.answer_timeout)
+                except (OSError, TimeoutError) as e:
+                    data, why = b"", str(e) or type(e).__name__
+                else:
+                    why = "it exited"
+                if not data:
                     self.close()
-                    if attempt == 2:
-                        raise ZygoteError("keeper fork server exited")
-                    continue
+                    raise CorralError(f"keeper fork server failed during a request ({why})",
+                                      hint="see the daemon's log; the next start uses a new one")
                 answer = json.loads(data)
                 if answer.get("id") != self._next_id or "pid" not in answer:
                     raise ZygoteError(f"keeper fork server refused: {answer.get('error', answer)}")

@@ -144,3 +144,31 @@ def test_server_never_outlives_the_daemon(tmp_path: Path, how: str) -> None:
             owner.wait(5)
         if owner.stdout is not None:
             owner.stdout.close()
+
+
+def test_a_request_without_an_answer_fails_the_start_without_a_second_try(
+        tmp_path: Path) -> None:
+    """Once the server has the request a keeper may exist: no retry, no
+    fallback (two keepers for one agent), a CorralError instead."""
+    from sandbox.errors import CorralError
+    from supervisor.zygote import ZygoteError
+
+    async def go() -> None:
+        z = Zygote(ENV)
+        z.answer_timeout = 0.5
+        try:
+            await _spawn(z, ["--help"], tmp_path / "err")  # it runs
+            assert z.proc is not None
+            hung = z.proc.pid
+            os.kill(hung, signal.SIGSTOP)  # our own child: it takes requests, answers none
+            with pytest.raises(CorralError) as err:
+                await _spawn(z, ["--help"], tmp_path / "err")
+            assert not isinstance(err.value, ZygoteError)  # not "try another way"
+            assert "during a request" in str(err.value)
+            assert _wait_gone(hung)  # the hung server was replaced, not left behind
+            _, out = await _spawn(z, ["--help"], tmp_path / "err")  # a new one serves
+            assert b"usage: corral-keeper" in out
+        finally:
+            z.close()
+
+    asyncio.run(go())
