@@ -4,12 +4,17 @@ The namespace is created by a short-lived thread that unshare(CLONE_NEWNET)s
 itself and bind-mounts /proc/thread-self/ns/net onto `Network.netns_path`, which
 keeps the namespace alive after the thread is gone. The same thread then
 configures the inside through a netlink socket opened in the thread's current
-namespace. We avoid helper processes (pyroute2's netns.create() and
-IPRoute(netns=...) fork one each, 6-8 ms apiece) and, since then, pyroute2
-itself: the handful of rtnetlink requests we need are built with `struct`
-below (_Rtnl), sent in batches, one round trip for all of the inside's setup.
-pyroute2 cost ~1 ms of Python per request and ~220 ms of imports at daemon
-start.
+namespace.
+
+pyroute2 is the rtnetlink codec: each request is one of its message classes
+(ifinfmsg, ifaddrmsg, rtmsg), encoded by it, and the kernel's answers are
+decoded by its marshal. The transport is ours (_Rtnl): a plain socket per
+namespace and several requests per datagram, one round trip per setup step.
+No IPRoute object and no helper process (pyroute2's netns.create() and
+IPRoute(netns=...) fork one each, 6-8 ms apiece): setup costs ~3 ms of kernel
+work plus ~2-4 ms of pyroute2 encoding and decoding per sandbox. pyroute2 is
+imported on first use (~0.3 s, all of pyroute2/__init__), not with this module,
+so the daemon's start does not pay it; the daemon calls warm_up() once ready.
 
 The veth pair is created from inside the namespace with its peer placed straight
 into the host namespace (IFLA_NET_NS_FD), so nothing has to be moved or renamed.
@@ -32,13 +37,12 @@ import logging
 import os
 import re
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sandbox import kernel
 from sandbox.errors import Conflict, CorralError, KernelError, NotFound
@@ -195,50 +199,52 @@ class _Netns:
 
 # --- rtnetlink ---------------------------------------------------------------
 #
-# Constants from linux/netlink.h, linux/rtnetlink.h, linux/if_link.h, linux/veth.h.
+# pyroute2 is the codec: every request is one of its message classes
+# (ifinfmsg, ifaddrmsg, rtmsg), filled and encoded by it, and every answer is
+# decoded by its rtnetlink marshal. What stays ours is the transport: a plain
+# NETLINK_ROUTE socket per namespace, opened by the thread that is in it, and
+# several requests per datagram. pyroute2 is imported on first use, inside the
+# functions below: any pyroute2 import runs pyroute2/__init__ (~0.3 s), which
+# the daemon's start and restart (no netns work) should not pay; warm_up()
+# lets the daemon import it once it is ready.
+#
+# The few numbers that are not pyroute2's to say: linux/rtnetlink.h.
 
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
-NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
-RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_NEWADDR, RTM_NEWROUTE = 16, 17, 18, 20, 24
-IFLA_IFNAME, IFLA_LINK, IFLA_LINKINFO, IFLA_NET_NS_FD = 3, 5, 18, 28
-IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
-IFA_ADDRESS, IFA_LOCAL = 1, 2
-RTA_OIF, RTA_GATEWAY = 4, 5
-RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST = 254, 3, 0, 1
-IFF_UP = 0x1
+#: RT_TABLE_MAIN: the table a default route goes to.
+RT_TABLE_MAIN = 254
 #: Seconds to wait for the kernel's answer to a request.
 NETLINK_TIMEOUT = 10.0
 
-_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
-_IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
-_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
-_RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst/src len, tos, table, proto, scope, type, flags
-_RTATTR = struct.Struct("=HH")  # len, type
 
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    head = _RTATTR.pack(_RTATTR.size + len(payload), kind)
-    return head + payload + b"\0" * (-len(payload) % 4)
-
-
-def _attrs(data: bytes) -> dict[int, bytes]:
-    """Top-level attributes of a message body (later duplicates win)."""
-    out: dict[int, bytes] = {}
-    off = 0
-    while off + _RTATTR.size <= len(data):
-        length, kind = _RTATTR.unpack_from(data, off)
-        if length < _RTATTR.size:
-            break
-        out[kind & 0x3FFF] = data[off + _RTATTR.size: off + length]
-        off += (length + 3) & ~3
-    return out
+def warm_up() -> None:
+    """Import pyroute2's rtnetlink codec now, so the first prepare() does not pay it."""
+    _marshal()
 
 
 @dataclass(frozen=True)
 class Link:
     index: int
     peer: int | None  # IFLA_LINK: a veth's peer ifindex (in the peer's namespace)
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """One decoded answer: its type, sequence number and pyroute2 message."""
+
+    kind: int
+    seq: int
+    msg: Any
+
+    @property
+    def errno(self) -> int:
+        """For an NLMSG_ERROR: the errno (0 is an ack)."""
+        return -int(self.msg["error"])
+
+
+def _marshal() -> Any:
+    """pyroute2's rtnetlink decoder (one per socket: it keeps per-sequence state)."""
+    from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+    return MarshalRtnl()
 
 
 class _Rtnl:
@@ -249,6 +255,7 @@ class _Rtnl:
     """
 
     def __init__(self) -> None:
+        self.marshal = _marshal()
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                                   socket.NETLINK_ROUTE)
         # the kernel answers at once; a missing answer is a bug, not a wait
@@ -262,24 +269,26 @@ class _Rtnl:
     def __exit__(self, *exc: object) -> None:
         self.sock.close()
 
-    def _msg(self, kind: int, flags: int, body: bytes) -> tuple[int, bytes]:
+    def _encode(self, msg: Any) -> tuple[int, bytes]:
         self.seq += 1
-        return self.seq, _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind,
-                                        NLM_F_REQUEST | flags, self.seq, 0) + body
+        msg["header"]["sequence_number"] = self.seq
+        msg.encode()
+        return self.seq, bytes(msg.data)
 
-    def batch(self, requests: list[tuple[int, int, bytes]]) -> list[int]:
-        """Send (type, flags, body) requests, each with an ack; their errnos (0: ok)."""
+    def batch(self, requests: list[Any]) -> list[int]:
+        """Send requests (each asks for an ack) in one datagram; their errnos (0: ok)."""
         seqs, data = [], b""
-        for kind, flags, body in requests:
-            seq, msg = self._msg(kind, flags | NLM_F_ACK, body)
+        for request in requests:
+            seq, encoded = self._encode(request)
             seqs.append(seq)
-            data += msg
+            data += encoded
         self._send(data)
+        from pyroute2.netlink import NLMSG_ERROR
         errs: dict[int, int] = {}
         while len(errs) < len(seqs):
-            for kind, seq, payload in self._recv():
-                if kind == NLMSG_ERROR and seq in seqs:
-                    errs[seq] = -struct.unpack_from("=i", payload)[0]
+            for reply in self._recv():
+                if reply.kind == NLMSG_ERROR and reply.seq in seqs:
+                    errs[reply.seq] = reply.errno
         return [errs[s] for s in seqs]
 
     def _send(self, data: bytes) -> None:
@@ -288,72 +297,117 @@ class _Rtnl:
         except OSError as e:
             raise KernelError(f"netlink send failed: {e}", errno=e.errno or 0) from e
 
-    def _recv(self) -> list[tuple[int, int, bytes]]:
+    def _recv(self) -> list[_Reply]:
         try:
             buf = self.sock.recv(65536)
         except OSError as e:  # TimeoutError included
             raise KernelError(f"netlink receive failed: {e}", errno=e.errno or 0) from e
-        out = []
-        off = 0
-        while off + _NLMSGHDR.size <= len(buf):
-            length, kind, _, seq, _ = _NLMSGHDR.unpack_from(buf, off)
-            if length < _NLMSGHDR.size:
-                break
-            out.append((kind, seq, buf[off + _NLMSGHDR.size: off + length]))
-            off += (length + 3) & ~3
-        return out
+        return _decode(self.marshal, buf)
 
     def get_link(self, ifname: str) -> Link | None:
         """The link called `ifname`, or None (one RTM_GETLINK by name, not a dump)."""
-        seq, msg = self._msg(RTM_GETLINK, 0,
-                             _IFINFOMSG.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _cstr(ifname)))
-        self._send(msg)
+        from pyroute2.netlink import NLMSG_ERROR
+        from pyroute2.netlink.rtnl import RTM_NEWLINK
+        seq, request = self._encode(_get_link(ifname))
+        self._send(request)
         while True:
-            for kind, rseq, payload in self._recv():
-                if rseq != seq:
+            for reply in self._recv():
+                if reply.seq != seq:
                     continue
-                if kind == NLMSG_ERROR:
-                    err = -struct.unpack_from("=i", payload)[0]
-                    if err == errno.ENODEV:
+                if reply.kind == NLMSG_ERROR:
+                    if reply.errno == errno.ENODEV:
                         return None
-                    raise _nl(f"get link {ifname}", err)
-                if kind == RTM_NEWLINK:
-                    _, _, index, _, _ = _IFINFOMSG.unpack_from(payload)
-                    peer = _attrs(payload[_IFINFOMSG.size:]).get(IFLA_LINK)
-                    return Link(index, struct.unpack("=I", peer[:4])[0] if peer else None)
+                    raise _nl(f"get link {ifname}", reply.errno)
+                if reply.kind == RTM_NEWLINK:
+                    return _link(reply.msg)
 
 
-def _cstr(text: str) -> bytes:
-    return text.encode() + b"\0"
+def _decode(marshal: Any, buf: bytes) -> list[_Reply]:
+    """The messages of one datagram, decoded by pyroute2."""
+    return [_Reply(m["header"]["type"], m["header"]["sequence_number"], m)
+            for m in marshal.parse(buf)]
 
 
-def _link_up(index: int) -> tuple[int, int, bytes]:
-    return RTM_NEWLINK, 0, _IFINFOMSG.pack(0, 0, index, IFF_UP, IFF_UP)
+def _link(msg: Any) -> Link:
+    """A Link from a decoded RTM_NEWLINK (pyroute2 ifinfmsg)."""
+    peer = msg.get_attr("IFLA_LINK")
+    return Link(int(msg["index"]), None if peer is None else int(peer))
 
 
-def _addr_add(index: int, iface: Iface) -> tuple[int, int, bytes]:
-    fam = socket.AF_INET if iface.version == 4 else socket.AF_INET6
-    ip = iface.ip.packed
-    return (RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL,
-            _IFADDRMSG.pack(fam, iface.network.prefixlen, 0, RT_SCOPE_UNIVERSE, index)
-            + _attr(IFA_LOCAL, ip) + _attr(IFA_ADDRESS, ip))
+def _request(msg: Any, kind: int, nlm_flags: int, ack: bool = True, **fields: Any) -> Any:
+    """Fill a pyroute2 message's header and fixed fields (attributes: msg["attrs"])."""
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
+    msg["header"]["type"] = kind
+    msg["header"]["flags"] = NLM_F_REQUEST | (NLM_F_ACK if ack else 0) | nlm_flags
+    for key, value in fields.items():
+        msg[key] = value
+    return msg
 
 
-def _default_route(index: int, gw: Iface) -> tuple[int, int, bytes]:
-    fam = socket.AF_INET if gw.version == 4 else socket.AF_INET6
-    return (RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE,
-            _RTMSG.pack(fam, 0, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE,
-                        RTN_UNICAST, 0)
-            + _attr(RTA_GATEWAY, gw.ip.packed) + _attr(RTA_OIF, struct.pack("=I", index)))
+def _get_link(ifname: str) -> Any:
+    """RTM_GETLINK by name; the answer is the link (RTM_NEWLINK) or an error, no ack."""
+    from pyroute2.netlink.rtnl import RTM_GETLINK
+    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+    msg = _request(ifinfmsg(), RTM_GETLINK, 0, ack=False)
+    msg["attrs"] = [("IFLA_IFNAME", ifname)]
+    return msg
 
 
-def _veth_add(ifname: str, peer: str, peer_ns_fd: int) -> tuple[int, int, bytes]:
-    peer_msg = (_IFINFOMSG.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _cstr(peer))
-                + _attr(IFLA_NET_NS_FD, struct.pack("=I", peer_ns_fd)))
-    info = _attr(IFLA_INFO_KIND, b"veth") + _attr(IFLA_INFO_DATA, _attr(VETH_INFO_PEER, peer_msg))
-    return (RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
-            _IFINFOMSG.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _cstr(ifname))
-            + _attr(IFLA_LINKINFO, info))
+def _link_up(index: int) -> Any:
+    from pyroute2.netlink.rtnl import RTM_NEWLINK
+    from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
+    return _request(ifinfmsg(), RTM_NEWLINK, 0, index=index, flags=IFF_UP, change=IFF_UP)
+
+
+def _link_del(index: int) -> Any:
+    from pyroute2.netlink.rtnl import RTM_DELLINK
+    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+    return _request(ifinfmsg(), RTM_DELLINK, 0, index=index)
+
+
+def _family(iface: Iface) -> int:
+    return socket.AF_INET if iface.version == 4 else socket.AF_INET6
+
+
+def _addr_add(index: int, iface: Iface) -> Any:
+    from pyroute2.netlink import NLM_F_CREATE, NLM_F_EXCL
+    from pyroute2.netlink.rtnl import RTM_NEWADDR
+    from pyroute2.netlink.rtnl import rtscopes as scopes
+    from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+    msg = _request(ifaddrmsg(), RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL,
+                   family=_family(iface), prefixlen=iface.network.prefixlen,
+                   scope=scopes["RT_SCOPE_UNIVERSE"], index=index)
+    ip = str(iface.ip)
+    msg["attrs"] = [("IFA_LOCAL", ip), ("IFA_ADDRESS", ip)]
+    return msg
+
+
+def _default_route(index: int, gw: Iface) -> Any:
+    from pyroute2.netlink import NLM_F_CREATE, NLM_F_REPLACE
+    from pyroute2.netlink.rtnl import RTM_NEWROUTE, rtprotos, rtscopes, rtypes
+    from pyroute2.netlink.rtnl.rtmsg import rtmsg
+    msg = _request(rtmsg(), RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE,
+                   family=_family(gw), table=RT_TABLE_MAIN, proto=rtprotos["RTPROT_BOOT"],
+                   scope=rtscopes["RT_SCOPE_UNIVERSE"], type=rtypes["RTN_UNICAST"])
+    msg["attrs"] = [("RTA_GATEWAY", str(gw.ip)), ("RTA_OIF", index)]
+    return msg
+
+
+def _veth_add(ifname: str, peer: str, peer_ns_fd: int) -> Any:
+    """A veth pair: `ifname` here, `peer` straight into the namespace of `peer_ns_fd`."""
+    from pyroute2.netlink import NLM_F_CREATE, NLM_F_EXCL
+    from pyroute2.netlink.rtnl import RTM_NEWLINK
+    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+    msg = _request(ifinfmsg(), RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL)
+    peer_msg = {"attrs": [("IFLA_IFNAME", peer), ("IFLA_NET_NS_FD", peer_ns_fd)]}
+    msg["attrs"] = [
+        ("IFLA_IFNAME", ifname),
+        ("IFLA_LINKINFO", {"attrs": [
+            ("IFLA_INFO_KIND", "veth"),
+            ("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", peer_msg)]}),
+        ]}),
+    ]
+    return msg
 
 
 def _check(what: str, errs: list[int], ok: tuple[int, ...] = ()) -> None:
@@ -482,7 +536,7 @@ def _release(net: Network) -> None:
             link = nl.get_link(net.veth_host)
             if link is not None:
                 _check(f"delete {net.veth_host}",
-                       nl.batch([(RTM_DELLINK, 0, _IFINFOMSG.pack(0, 0, link.index, 0, 0))]),
+                       nl.batch([_link_del(link.index)]),
                        ok=(errno.ENODEV,))
         log.info("deleted %s by hand: its namespace was still pinned", net.veth_host)
 

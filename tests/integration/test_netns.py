@@ -4,6 +4,8 @@ control); conflicts are refused; release leaves no namespace file and no veth be
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import json
 import os
 import secrets
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from sandbox import kernel, netns
-from sandbox.errors import Conflict, NotFound
+from sandbox.errors import Conflict, KernelError, NotFound
 from sandbox.spec import Network
 
 pytestmark = [pytest.mark.root]
@@ -73,8 +75,12 @@ def test_prepare_builds_exactly_lo_and_eth0(nets: list[Network], tmp_path: Path,
     netns.prepare(net)
     assert netns.exists(net)
 
-    links = ip_json(net, "link")
+    links = ip_json(net, "-d", "link")
     assert sorted(str(x["ifname"]) for x in links) == ["eth0", "lo"]
+    # pyroute2 names the kind "veth\0" (C string), iproute2 "veth": the same to the kernel.
+    kinds = {str(x["ifname"]): x.get("linkinfo", {})  # type: ignore[attr-defined]
+             .get("info_kind") for x in links}
+    assert kinds == {"eth0": "veth", "lo": None}
     addrs = {str(x["ifname"]): x for x in ip_json(net, "-4", "addr")}
     assert all("UP" in x["flags"] for x in addrs.values())  # type: ignore[operator]
     eth0 = addrs["eth0"]["addr_info"]
@@ -210,3 +216,33 @@ def test_prepare_recovers_a_stale_file(nets: list[Network], tmp_path: Path,
     assert netns.exists(net)
     r = inside(net, "ping", "-c", "1", "-W", "10", net.gateway.split("/")[0])
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_kernel_answers_are_decoded_into_links_and_errors(nets: list[Network], tmp_path: Path,
+                                                         uniq: str) -> None:
+    """The real kernel's answers through pyroute2's decoder, in the sandbox's namespace:
+    a link with its veth peer, a missing name, and refusals as KernelError with errno."""
+    net = make_net(tmp_path, uniq, "h")
+    nets.append(net)
+    netns.prepare(net)
+    host_index = socket.if_nametoindex(net.veth_host)
+
+    def probe() -> tuple[netns.Link | None, netns.Link | None, list[int], KernelError]:
+        with netns._Netns(net.netns_path, create=False), netns._Rtnl() as nl:
+            eth0 = nl.get_link("eth0")
+            missing = nl.get_link("nosuch0")
+            # 2**31-1: no such interface; the address already exists (EEXIST)
+            assert eth0 is not None
+            errs = nl.batch([netns._link_up(2**31 - 1),
+                             netns._addr_add(eth0.index, ipaddress.ip_interface(net.address))])
+            with pytest.raises(KernelError) as caught:
+                netns._check("configure", errs[:1])
+            return eth0, missing, errs, caught.value
+
+    eth0, missing, errs, error = netns._in_thread(probe)
+    assert eth0 is not None
+    assert eth0.peer == host_index
+    assert missing is None
+    assert errs == [errno.ENODEV, errno.EEXIST]
+    assert error.errno == errno.ENODEV
+    assert "No such device" in str(error)

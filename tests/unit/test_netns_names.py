@@ -5,6 +5,9 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -58,29 +61,127 @@ def test_invalid_network_is_refused(field: str, value: str, message: str) -> Non
         netns.check_network(net(**{field: value}))
 
 
-def test_rtnetlink_messages_encode_what_the_kernel_expects() -> None:
-    """The hand-built requests: header, 4-byte aligned attributes, nested peer."""
-    kind, flags, body = netns._veth_add("eth0", "cv0123456789abc", 7)
-    assert kind == netns.RTM_NEWLINK
-    assert flags == netns.NLM_F_CREATE | netns.NLM_F_EXCL
-    attrs = netns._attrs(body[netns._IFINFOMSG.size:])
-    assert attrs[netns.IFLA_IFNAME] == b"eth0\0"
-    info = netns._attrs(attrs[netns.IFLA_LINKINFO])
-    assert info[netns.IFLA_INFO_KIND] == b"veth"
-    peer = netns._attrs(info[netns.IFLA_INFO_DATA])[netns.VETH_INFO_PEER]
-    peer_attrs = netns._attrs(peer[netns._IFINFOMSG.size:])
-    assert peer_attrs[netns.IFLA_IFNAME] == b"cv0123456789abc\0"
-    assert struct.unpack("=I", peer_attrs[netns.IFLA_NET_NS_FD]) == (7,)
-    assert len(body) % 4 == 0
+# --- rtnetlink: pyroute2 builds what the hand-built codec sent ----------------
+#
+# The reference: the struct-built requests netns.py sent before pyroute2 became
+# its codec again (commit 1801775), known good against the kernel. Kept here,
+# not in the product, to prove pyroute2's encodings byte for byte.
 
-    _, _, addr = netns._addr_add(3, ipaddress.ip_interface("198.18.0.2/30"))
-    family, prefixlen, _, _, index = netns._IFADDRMSG.unpack_from(addr)
-    assert family == socket.AF_INET
-    assert (prefixlen, index) == (30, 3)
-    assert netns._attrs(addr[netns._IFADDRMSG.size:])[netns.IFA_LOCAL] == bytes([198, 18, 0, 2])
+_HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
+_IFINFO = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
+_IFADDR = struct.Struct("=BBBBI")  # ifaddrmsg: family, prefixlen, flags, scope, index
+_RTM = struct.Struct("=BBBBBBBBI")  # rtmsg
+REQUEST, ACK, REPLACE, EXCL, CREATE = 0x1, 0x4, 0x100, 0x200, 0x400
+NEWLINK, DELLINK, GETLINK, NEWADDR, NEWROUTE = 16, 17, 18, 20, 24
+SEQ = 42
 
-    _, rflags, route = netns._default_route(3, ipaddress.ip_interface("198.18.0.1/30"))
-    assert rflags & netns.NLM_F_REPLACE
-    rattrs = netns._attrs(route[netns._RTMSG.size:])
-    assert rattrs[netns.RTA_GATEWAY] == bytes([198, 18, 0, 1])
-    assert struct.unpack("=I", rattrs[netns.RTA_OIF]) == (3,)
+
+def _ref_attr(kind: int, payload: bytes) -> bytes:
+    return struct.pack("=HH", 4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
+
+
+def _ref_msg(kind: int, flags: int, body: bytes) -> bytes:
+    return _HDR.pack(_HDR.size + len(body), kind, flags, SEQ, 0) + body
+
+
+def _fam(iface: netns.Iface) -> int:
+    return socket.AF_INET if iface.version == 4 else socket.AF_INET6
+
+
+def _ref_link_up(index: int) -> bytes:
+    return _ref_msg(NEWLINK, REQUEST | ACK, _IFINFO.pack(0, 0, index, 1, 1))
+
+
+def _ref_link_del(index: int) -> bytes:
+    return _ref_msg(DELLINK, REQUEST | ACK, _IFINFO.pack(0, 0, index, 0, 0))
+
+
+def _ref_get_link(name: str) -> bytes:  # no ack: the answer is the link or an error
+    return _ref_msg(GETLINK, REQUEST,
+                    _IFINFO.pack(0, 0, 0, 0, 0) + _ref_attr(3, name.encode() + b"\0"))
+
+
+def _ref_addr_add(index: int, iface: netns.Iface) -> bytes:
+    ip = iface.ip.packed
+    return _ref_msg(NEWADDR, REQUEST | ACK | CREATE | EXCL,
+                    _IFADDR.pack(_fam(iface), iface.network.prefixlen, 0, 0, index)
+                    + _ref_attr(2, ip) + _ref_attr(1, ip))  # IFA_LOCAL, IFA_ADDRESS
+
+
+def _ref_default_route(index: int, gw: netns.Iface) -> bytes:
+    # table main, proto boot, scope universe, type unicast; RTA_GATEWAY, RTA_OIF
+    return _ref_msg(NEWROUTE, REQUEST | ACK | CREATE | REPLACE,
+                    _RTM.pack(_fam(gw), 0, 0, 0, 254, 3, 0, 1, 0)
+                    + _ref_attr(5, gw.ip.packed) + _ref_attr(4, struct.pack("=I", index)))
+
+
+def _ref_veth_add(ifname: str, peer: str, fd: int, kind: bytes) -> bytes:
+    peer_msg = (_IFINFO.pack(0, 0, 0, 0, 0) + _ref_attr(3, peer.encode() + b"\0")
+                + _ref_attr(28, struct.pack("=I", fd)))  # IFLA_NET_NS_FD
+    info = _ref_attr(1, kind) + _ref_attr(2, _ref_attr(1, peer_msg))  # KIND, DATA{PEER}
+    return _ref_msg(NEWLINK, REQUEST | ACK | CREATE | EXCL,
+                    _IFINFO.pack(0, 0, 0, 0, 0) + _ref_attr(3, ifname.encode() + b"\0")
+                    + _ref_attr(18, info))  # IFLA_LINKINFO
+
+
+def _encoded(msg: object) -> bytes:
+    """What _Rtnl sends for a request: pyroute2's encoding with our sequence number."""
+    with netns._Rtnl() as nl:
+        nl.seq = SEQ - 1
+        seq, data = nl._encode(msg)
+    assert seq == SEQ
+    return data
+
+
+V4 = (ipaddress.ip_interface("198.18.0.2/30"), ipaddress.ip_interface("198.18.0.1/30"))
+V6 = (ipaddress.ip_interface("fd00::2/126"), ipaddress.ip_interface("fd00::1/126"))
+
+
+@pytest.mark.parametrize(("index", "addr", "gw"), [(3, *V4), (70000, *V6)])
+def test_pyroute2_encodes_the_reference_bytes(index: int, addr: netns.Iface,
+                                              gw: netns.Iface) -> None:
+    assert _encoded(netns._link_up(index)) == _ref_link_up(index)
+    assert _encoded(netns._link_del(index)) == _ref_link_del(index)
+    assert _encoded(netns._get_link("cv0123456789abc")) == _ref_get_link("cv0123456789abc")
+    assert _encoded(netns._addr_add(index, addr)) == _ref_addr_add(index, addr)
+    assert _encoded(netns._default_route(index, gw)) == _ref_default_route(index, gw)
+
+
+def test_pyroute2_encodes_the_veth_pair_with_its_peer_in_the_host() -> None:
+    """The one difference from the hand-built request: pyroute2 writes the kind
+    as a C string ("veth\\0"); the kernel's IFLA_INFO_KIND is an NLA_STRING, read
+    with nla_strscpy, so both forms name the same kind (pyroute2's IPRoute has
+    always sent it this way)."""
+    got = _encoded(netns._veth_add("eth0", "cv0123456789abc", 7))
+    assert got == _ref_veth_add("eth0", "cv0123456789abc", 7, b"veth\0")
+    assert got != _ref_veth_add("eth0", "cv0123456789abc", 7, b"veth")
+    assert len(got) % 4 == 0
+
+
+def test_pyroute2_decodes_the_kernels_answers() -> None:
+    """An ack, an error (with the failed request quoted) and a link, as the
+    kernel sends them, through the decoder _Rtnl uses."""
+    marshal = netns._marshal()
+    request = _ref_link_up(3)
+    ack = _HDR.pack(36, 2, 0x100, SEQ, 0) + struct.pack("=i", 0) + request[:16]  # capped
+    error = _HDR.pack(20 + len(request), 2, 0, SEQ + 1, 0) + struct.pack("=i", -17) + request
+    link = _ref_msg(NEWLINK, 0, _IFINFO.pack(0, 1, 9, 0x1043, 0)
+                    + _ref_attr(3, b"eth0\0") + _ref_attr(5, struct.pack("=I", 12)))
+    replies = netns._decode(marshal, ack + error + link)
+    assert [(r.kind, r.seq) for r in replies] == [(2, SEQ), (2, SEQ + 1), (NEWLINK, SEQ)]
+    assert replies[0].errno == 0
+    assert replies[1].errno == 17  # EEXIST: _check lets it pass where that is fine
+    assert netns._link(replies[2].msg) == netns.Link(index=9, peer=12)
+    lo = _ref_msg(NEWLINK, 0, _IFINFO.pack(0, 772, 1, 0x49, 0) + _ref_attr(3, b"lo\0"))
+    assert netns._link(netns._decode(marshal, lo)[0].msg) == netns.Link(index=1, peer=None)
+
+
+def test_importing_netns_does_not_import_pyroute2() -> None:
+    """The daemon's start (and restart) imports netns but does no netns work."""
+    code = ("import sys, sandbox.netns, supervisor.daemon, supervisor.agents; "
+            "print(sorted(m for m in sys.modules if m.startswith('pyroute2')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "[]"
+    netns.warm_up()
+    assert "pyroute2.netlink.rtnl.marshal" in sys.modules
