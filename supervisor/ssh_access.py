@@ -36,7 +36,12 @@ class SessionClientLike(Protocol):
 
 
 class ExecProcessLike(Protocol):
-    """What the SSH server uses of supervisor.execproc.ExecProcess."""
+    """What the SSH server uses of supervisor.execproc.ExecProcess.
+
+    Optionally also `exit_signal: int | None`, set once wait() returned: the
+    signal that killed the command. With it the channel ends with exit-signal
+    (RFC 4254 6.10) instead of exit-status 128+N; without it, with the status.
+    """
 
     async def write_stdin(self, data: bytes) -> None: ...
     def close_stdin(self) -> None: ...

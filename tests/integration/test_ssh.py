@@ -328,8 +328,15 @@ def test_exec_streams_and_exit_status(ssh_env: SshEnv) -> None:
     assert r.stdout.split()[0] == hashlib.sha256(data).hexdigest().encode()
     r = ssh_env.ssh("alice", "wc -c", input=data)
     assert r.stdout.strip() == b"300000"
-    r = ssh_env.ssh("bob", "kill -TERM $$")
-    assert r.returncode == 128 + 15
+    # killed by a signal: exit-signal (RFC 4254 6.10), which OpenSSH's client
+    # logs and, having no exit status, turns into 255 ...
+    r = ssh_env.ssh("bob", "kill -TERM $$", opts=("-v",))
+    assert b"rtype exit-signal" in r.stderr, r.stderr
+    assert r.returncode == 255
+    # ... while a plain exit with the same number stays an exit status
+    r = ssh_env.ssh("bob", "exit 143", opts=("-v",))
+    assert b"rtype exit-signal" not in r.stderr, r.stderr
+    assert r.returncode == 143
 
 
 def test_exec_with_tty_and_env_allowlist(ssh_env: SshEnv) -> None:

@@ -178,6 +178,7 @@ class StandinExec:
                  tty: tuple[str, int, int] | None) -> None:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env}
         self.tty = tty is not None
+        self.exit_signal: int | None = None
         if tty:
             master, slave = pty.openpty()
             fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", tty[2], tty[1], 0, 0))
@@ -232,6 +233,8 @@ class StandinExec:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._in = None
+        if code < 0:
+            self.exit_signal = -code   # what the SSH server reports as exit-signal
         return 128 - code if code < 0 else code
 
 
