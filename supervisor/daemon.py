@@ -177,6 +177,7 @@ class Daemon:
         log.info("corral %s ready: api %s, ssh %s:%s, cgroup %s, %d agents", __version__,
                  cfg.api_socket, cfg.ssh.host, cfg.ssh.port, cg.version, n)
         log.info("started in %.2f s since exec (%s)", _process_age(), tl)
+        mgr.spawn(_warm_up_netns(), "netns-warm-up")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
@@ -200,6 +201,18 @@ class Daemon:
         if self.netpolicy is not None:
             with contextlib.suppress(Exception):
                 await self.netpolicy.close()
+
+
+async def _warm_up_netns() -> None:
+    """Import pyroute2 (netns' rtnetlink codec, ~0.3 s) once the daemon is ready.
+
+    Not before: start and restart do no netns work, and an import under the GIL
+    slows reconcile. Not lazily in the first create: a user would wait for it.
+    """
+    from sandbox import netns
+    t0 = time.monotonic()
+    await asyncio.to_thread(netns.warm_up)
+    log.debug("pyroute2 imported for network setup in %.0f ms", (time.monotonic() - t0) * 1e3)
 
 
 def run(config_path: str | None = None) -> int:
