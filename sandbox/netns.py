@@ -212,6 +212,8 @@ class _Netns:
 
 #: RT_TABLE_MAIN: the table a default route goes to.
 RT_TABLE_MAIN = 254
+#: RTEXT_FILTER_SKIP_STATS: a link without its counters (a smaller answer to decode).
+RTEXT_FILTER_SKIP_STATS = 1 << 3
 #: Seconds to wait for the kernel's answer to a request.
 NETLINK_TIMEOUT = 10.0
 
@@ -349,7 +351,7 @@ def _get_link(ifname: str) -> Any:
     from pyroute2.netlink.rtnl import RTM_GETLINK
     from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
     msg = _request(ifinfmsg(), RTM_GETLINK, 0, ack=False)
-    msg["attrs"] = [("IFLA_IFNAME", ifname)]
+    msg["attrs"] = [("IFLA_IFNAME", ifname), ("IFLA_EXT_MASK", RTEXT_FILTER_SKIP_STATS)]
     return msg
 
 
@@ -458,15 +460,16 @@ def _prepare(net: Network, addr: Iface, gw: Iface) -> None:
                            "release that first or choose another name")
         try:
             with _Netns(net.netns_path, create=not mounted) as host_fd:
-                _configure_inside(net, addr, gw, host, host_fd)
-            # Back in the host namespace (_Netns.__exit__): the host side.
-            host = host_nl.get_link(net.veth_host)
-            if host is None:
-                raise KernelError(f"veth {net.veth_host} vanished while preparing "
-                                  f"{net.netns_path}")
+                eth0 = _configure_inside(net, addr, gw, host, host_fd)
+            # Back in the host namespace (_Netns.__exit__): the host side. eth0's
+            # IFLA_LINK is its peer's index here, so no second lookup (each one
+            # costs a decode of the whole link).
+            index = host.index if host is not None else eth0.peer
+            if index is None:
+                raise KernelError(f"{INSIDE_IFNAME} in {net.netns_path} has no veth peer")
             if not net.ipv6:
                 _sysctl(f"net/ipv6/conf/{net.veth_host}/disable_ipv6", "1")
-            errs = host_nl.batch([_addr_add(host.index, gw), _link_up(host.index)])
+            errs = host_nl.batch([_addr_add(index, gw), _link_up(index)])
             _check(f"configure {net.veth_host}", errs, ok=(errno.EEXIST,))
         except BaseException:
             if not mounted:  # we made it: do not leave half a namespace behind
@@ -475,8 +478,8 @@ def _prepare(net: Network, addr: Iface, gw: Iface) -> None:
 
 
 def _configure_inside(net: Network, addr: Iface, gw: Iface, host: Link | None,
-                      host_fd: int) -> None:
-    """Runs with the thread inside the sandbox's namespace."""
+                      host_fd: int) -> Link:
+    """Runs with the thread inside the sandbox's namespace; returns eth0."""
     with _Rtnl() as nl:
         eth0 = nl.get_link(INSIDE_IFNAME)
         if host is not None:
@@ -504,6 +507,7 @@ def _configure_inside(net: Network, addr: Iface, gw: Iface, host: Link | None,
         errs = nl.batch([_link_up(LOOPBACK_IFINDEX), _addr_add(eth0.index, addr),
                          _link_up(eth0.index), _default_route(eth0.index, gw)])
         _check(f"configure {INSIDE_IFNAME} in {net.netns_path}", errs, ok=(errno.EEXIST,))
+    return eth0
 
 
 def release(net: Network) -> None:

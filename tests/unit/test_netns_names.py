@@ -65,7 +65,8 @@ def test_invalid_network_is_refused(field: str, value: str, message: str) -> Non
 #
 # The reference: the struct-built requests netns.py sent before pyroute2 became
 # its codec again (commit 1801775), known good against the kernel. Kept here,
-# not in the product, to prove pyroute2's encodings byte for byte.
+# not in the product, to prove pyroute2's encodings byte for byte. One request
+# is new since: RTM_GETLINK asks for the link without its counters (EXT_MASK).
 
 _HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _IFINFO = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
@@ -98,7 +99,8 @@ def _ref_link_del(index: int) -> bytes:
 
 def _ref_get_link(name: str) -> bytes:  # no ack: the answer is the link or an error
     return _ref_msg(GETLINK, REQUEST,
-                    _IFINFO.pack(0, 0, 0, 0, 0) + _ref_attr(3, name.encode() + b"\0"))
+                    _IFINFO.pack(0, 0, 0, 0, 0) + _ref_attr(3, name.encode() + b"\0")
+                    + _ref_attr(29, struct.pack("=I", 1 << 3)))  # EXT_MASK: SKIP_STATS
 
 
 def _ref_addr_add(index: int, iface: netns.Iface) -> bytes:
