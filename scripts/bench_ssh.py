@@ -185,8 +185,9 @@ def main() -> int:
         out.append("")
         out += [f"| session output, {args.mbytes} MB, to N clients (median of "
                 f"{args.fanout_runs}) | corral s | tmux s | corral / tmux "
-                "| MB read per client, corral / tmux | server CPU s, corral / tmux |",
-                "|---|---:|---:|---:|---:|---:|"]
+                "| MB read per client, corral / tmux | server CPU s, corral / tmux "
+                "| client CPU s, corral / tmux |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
         subprocess.run(["tmux", "-L", tmux_sock, "new-session", "-d", "-x", "120", "-y", "40",
                         "bash --norc"], check=True)
         ssh_client = ["ssh", "-tt", "-p", str(d.ssh_port), *SSH_OPTS, "-i", str(key),
@@ -205,13 +206,14 @@ def main() -> int:
             tmux_pids = [int(x) for x in subprocess.run(
                 ["tmux", "-L", tmux_sock, "display-message", "-p", "#{pid}"],
                 capture_output=True, text=True).stdout.split()]
-            cpu: dict[str, list[float]] = {"corral": [], "tmux": []}
+            cpu: dict[str, list[float]] = {"corral": [], "tmux": [], "corral-clients": [],
+                                           "tmux-clients": []}
             for run in range(args.fanout_runs):
                 # interleaved, so a change in machine load hits both alike
                 with _profiled(args.profile if run == 0 else None, d, f"c{n}"), \
-                        _cpu(corral_pids, cpu["corral"]):
+                        _cpu(corral_pids, cpu["corral"]), _child_cpu(cpu["corral-clients"]):
                     corral.append(_corral_fanout(ssh_client, n, args.mbytes, f"c{n}r{run}"))
-                with _cpu(tmux_pids, cpu["tmux"]):
+                with _cpu(tmux_pids, cpu["tmux"]), _child_cpu(cpu["tmux-clients"]):
                     tmux.append(_timed(lambda n=n, run=run: _fanout_with(  # type: ignore[misc]
                         [tmux_client] * n, tmux_send, args.mbytes, f"t{n}r{run}")))
             out.append(_fanout_row(n, corral, tmux, cpu))
@@ -315,6 +317,18 @@ def _cpu(pids: list[int], out: list[float]) -> Iterator[None]:
     out.append(total() - before)
 
 
+@contextlib.contextmanager
+def _child_cpu(out: list[float]) -> Iterator[None]:
+    """CPU seconds of the bench's children: the clients (ssh -tt / tmux attach), the
+    feeder ssh and the grep readers."""
+    def total() -> float:
+        t = os.times()
+        return t.children_user + t.children_system
+    before = total()
+    yield
+    out.append(total() - before)
+
+
 def _fanout_row(n: int, corral: list[Result], tmux: list[Result],
                 cpu: dict[str, list[float]]) -> str:
     def summary(rs: list[Result]) -> tuple[float | None, str, str]:
@@ -330,8 +344,10 @@ def _fanout_row(n: int, corral: list[Result], tmux: list[Result],
     tc, sc, mc = summary(corral)
     tt, st, mt = summary(tmux)
     ratio = f"{tc / tt:.2f}" if tc is not None and tt else "-"
-    cc, ct = (statistics.median(cpu[k]) for k in ("corral", "tmux"))
-    return f"| {n} | {sc} | {st} | {ratio} | {mc} / {mt} | {cc:.2f} / {ct:.2f} |"
+    cc, ct, kc, kt = (statistics.median(cpu[k])
+                      for k in ("corral", "tmux", "corral-clients", "tmux-clients"))
+    return (f"| {n} | {sc} | {st} | {ratio} | {mc} / {mt} | {cc:.2f} / {ct:.2f} "
+            f"| {kc:.2f} / {kt:.2f} |")
 
 
 def _fanout_with(clients_argv: list[list[str]], send: Callable[[str], None], mbytes: int,
