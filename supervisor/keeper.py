@@ -196,8 +196,9 @@ class Keeper:
             self._update_pty_interest()
 
     def _read_pty(self) -> bool:
-        """Read what the PTY holds (up to READ_BATCH) and pass it on as one frame.
-        False once the session side is closed."""
+        """Read what the PTY holds (up to READ_BATCH); pass it on as one frame,
+        or hold it briefly while output flows (HOLD). False once the session
+        side is closed."""
         chunks: list[bytes] = []
         size = 0
         open_ = True

@@ -287,7 +287,8 @@ class SessionHub:
                     c.behind_since = now
                 elif now - c.behind_since >= PACE_GRACE:
                     c.unpaced = True   # not keeping up: no longer holds the session back
-            waiting = [c.behind_since for c in behind if not c.unpaced and c.behind_since]
+            waiting = [c.behind_since for c in behind
+                       if not c.unpaced and c.behind_since is not None]
             if not waiting:
                 continue
             self._drained.clear()
