@@ -140,8 +140,9 @@ def _handle(sock: socket.socket) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     sock = socket.socket(fileno=int(args[0]))
+    daemon = os.getppid()
     _die_with_parent()
-    if os.getppid() == 1:  # the daemon died before the line above took effect
+    if os.getppid() != daemon:  # the daemon died before the line above took effect
         return 0
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # keepers never become zombies
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -150,9 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Keep the preloaded heap shared with the children: a collection in a
     # child would touch (and so copy) every object; frozen objects are skipped.
     gc.freeze()
-    sock.send(b'{"ready": true}')
-    while _handle(sock):
-        pass
+    try:
+        sock.send(b'{"ready": true}')
+        while _handle(sock):
+            pass
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the daemon went away (stopped or killed) while we were busy: so do we
     return 0
 
 
@@ -261,15 +265,17 @@ class Zygote:
         raise ZygoteError("unreachable")
 
     def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        # Kill before closing our end: a server still importing must not see
+        # the socket close first (and report a broken pipe into the journal).
         if self.proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(2)
             self.proc = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 if __name__ == "__main__":

@@ -172,3 +172,24 @@ def test_a_request_without_an_answer_fails_the_start_without_a_second_try(
             z.close()
 
     asyncio.run(go())
+
+
+def test_daemon_closing_while_the_server_imports_is_a_quiet_exit(tmp_path: Path) -> None:
+    """The daemon stops (closes its end) while the server is still importing:
+    the server leaves by itself, exit 0, no traceback in the daemon's journal."""
+    import subprocess
+
+    script = tmp_path / "owner.py"
+    script.write_text(
+        "import sys\n"
+        "from supervisor.zygote import Zygote\n"
+        f"z = Zygote({ENV!r})\n"
+        "z.start()\n"
+        "z.sock.close()  # before its hello: it is importing\n"
+        "print(z.proc.pid, flush=True)\n"
+        "sys.exit(z.proc.wait(60))\n")
+    owner = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": PKG_ROOT}, timeout=90)
+    assert owner.stdout.strip().isdigit()
+    assert owner.returncode == 0, owner.stderr  # the server's exit status
+    assert "Traceback" not in owner.stderr  # the server writes to the daemon's stderr
