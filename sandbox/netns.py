@@ -31,6 +31,7 @@ synchronously (17-33 ms apiece here).
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -42,7 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from sandbox import kernel
 from sandbox.errors import Conflict, CorralError, KernelError, NotFound
@@ -64,6 +65,7 @@ INSIDE_IFNAME = "eth0"
 REAP_TIMEOUT = 2.0
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 def veth_name(scope: str, name: str) -> str:
@@ -218,9 +220,32 @@ RTEXT_FILTER_SKIP_STATS = 1 << 3
 NETLINK_TIMEOUT = 10.0
 
 
+#: Serializes the first import of pyroute2: two threads importing it at once
+#: (the daemon's warm-up and a create, or two creates) fail with CPython's
+#: _DeadlockError, as pyroute2's modules import each other.
+_PYROUTE2_LOCK = threading.Lock()
+_pyroute2_loaded = False
+
+
 def warm_up() -> None:
     """Import pyroute2's rtnetlink codec now, so the first prepare() does not pay it."""
-    _marshal()
+    global _pyroute2_loaded
+    if _pyroute2_loaded:
+        return
+    with _PYROUTE2_LOCK:
+        if not _pyroute2_loaded:
+            # the marshal imports the message classes, and pyroute2/__init__ all the rest
+            import pyroute2.netlink.rtnl.marshal  # noqa: F401
+            _pyroute2_loaded = True
+
+
+def _uses_pyroute2(fn: Callable[P, T]) -> Callable[P, T]:
+    """For functions that import from pyroute2: load it first, one thread at a time."""
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        warm_up()
+        return fn(*args, **kwargs)
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -243,6 +268,7 @@ class _Reply:
         return -int(self.msg["error"])
 
 
+@_uses_pyroute2
 def _marshal() -> Any:
     """pyroute2's rtnetlink decoder (one per socket: it keeps per-sequence state)."""
     from pyroute2.netlink.rtnl.marshal import MarshalRtnl
@@ -336,6 +362,7 @@ def _link(msg: Any) -> Link:
     return Link(int(msg["index"]), None if peer is None else int(peer))
 
 
+@_uses_pyroute2
 def _request(msg: Any, kind: int, nlm_flags: int, ack: bool = True, **fields: Any) -> Any:
     """Fill a pyroute2 message's header and fixed fields (attributes: msg["attrs"])."""
     from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
@@ -346,6 +373,7 @@ def _request(msg: Any, kind: int, nlm_flags: int, ack: bool = True, **fields: An
     return msg
 
 
+@_uses_pyroute2
 def _get_link(ifname: str) -> Any:
     """RTM_GETLINK by name; the answer is the link (RTM_NEWLINK) or an error, no ack."""
     from pyroute2.netlink.rtnl import RTM_GETLINK
@@ -355,12 +383,14 @@ def _get_link(ifname: str) -> Any:
     return msg
 
 
+@_uses_pyroute2
 def _link_up(index: int) -> Any:
     from pyroute2.netlink.rtnl import RTM_NEWLINK
     from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
     return _request(ifinfmsg(), RTM_NEWLINK, 0, index=index, flags=IFF_UP, change=IFF_UP)
 
 
+@_uses_pyroute2
 def _link_del(index: int) -> Any:
     from pyroute2.netlink.rtnl import RTM_DELLINK
     from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
@@ -371,6 +401,7 @@ def _family(iface: Iface) -> int:
     return socket.AF_INET if iface.version == 4 else socket.AF_INET6
 
 
+@_uses_pyroute2
 def _addr_add(index: int, iface: Iface) -> Any:
     from pyroute2.netlink import NLM_F_CREATE, NLM_F_EXCL
     from pyroute2.netlink.rtnl import RTM_NEWADDR
@@ -384,6 +415,7 @@ def _addr_add(index: int, iface: Iface) -> Any:
     return msg
 
 
+@_uses_pyroute2
 def _default_route(index: int, gw: Iface) -> Any:
     from pyroute2.netlink import NLM_F_CREATE, NLM_F_REPLACE
     from pyroute2.netlink.rtnl import RTM_NEWROUTE, rtprotos, rtscopes, rtypes
@@ -395,6 +427,7 @@ def _default_route(index: int, gw: Iface) -> Any:
     return msg
 
 
+@_uses_pyroute2
 def _veth_add(ifname: str, peer: str, peer_ns_fd: int) -> Any:
     """A veth pair: `ifname` here, `peer` straight into the namespace of `peer_ns_fd`."""
     from pyroute2.netlink import NLM_F_CREATE, NLM_F_EXCL

@@ -187,3 +187,32 @@ def test_importing_netns_does_not_import_pyroute2() -> None:
     assert out.stdout.strip() == "[]"
     netns.warm_up()
     assert "pyroute2.netlink.rtnl.marshal" in sys.modules
+
+
+def test_first_use_from_many_threads_at_once() -> None:
+    """The daemon's warm-up and creates may be the first to need pyroute2 at the
+    same time; importing it from two threads at once fails (_DeadlockError)
+    unless netns serializes it. A fresh interpreter each time, so it is a first use."""
+    code = """
+import threading
+from sandbox import netns
+errors = []
+def use(fn):
+    try:
+        fn()
+    except BaseException as e:
+        errors.append(repr(e))
+# a message builder first, then the warm-up: the order that deadlocks unserialized
+jobs = [lambda: netns._link_up(2), netns.warm_up, lambda: netns._get_link("eth0"),
+        lambda: netns._veth_add("eth0", "cvx", 3), lambda: netns._Rtnl().sock.close()]
+threads = [threading.Thread(target=use, args=(fn,)) for fn in jobs]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(errors)
+"""
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True, cwd=Path(__file__).resolve().parents[2])
+        assert out.stdout.strip() == "[]", out.stdout
