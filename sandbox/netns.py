@@ -404,12 +404,11 @@ def _family(iface: Iface) -> int:
 @_uses_pyroute2
 def _addr_add(index: int, iface: Iface) -> Any:
     from pyroute2.netlink import NLM_F_CREATE, NLM_F_EXCL
-    from pyroute2.netlink.rtnl import RTM_NEWADDR
-    from pyroute2.netlink.rtnl import rtscopes as scopes
+    from pyroute2.netlink.rtnl import RTM_NEWADDR, rtscopes
     from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
     msg = _request(ifaddrmsg(), RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL,
                    family=_family(iface), prefixlen=iface.network.prefixlen,
-                   scope=scopes["RT_SCOPE_UNIVERSE"], index=index)
+                   scope=rtscopes["RT_SCOPE_UNIVERSE"], index=index)
     ip = str(iface.ip)
     msg["attrs"] = [("IFA_LOCAL", ip), ("IFA_ADDRESS", ip)]
     return msg
