@@ -492,7 +492,7 @@ def _prepare(net: Network, addr: Iface, gw: Iface) -> None:
                            "release that first or choose another name")
         try:
             with _Netns(net.netns_path, create=not mounted) as host_fd:
-                eth0 = _configure_inside(net, addr, gw, host, host_fd)
+                eth0 = _configure_inside(net, addr, gw, host, host_fd, fresh=not mounted)
             # Back in the host namespace (_Netns.__exit__): the host side. eth0's
             # IFLA_LINK is its peer's index here, so no second lookup (each one
             # costs a decode of the whole link).
@@ -510,10 +510,13 @@ def _prepare(net: Network, addr: Iface, gw: Iface) -> None:
 
 
 def _configure_inside(net: Network, addr: Iface, gw: Iface, host: Link | None,
-                      host_fd: int) -> Link:
-    """Runs with the thread inside the sandbox's namespace; returns eth0."""
+                      host_fd: int, fresh: bool) -> Link:
+    """Runs with the thread inside the sandbox's namespace; returns eth0.
+
+    `fresh`: the namespace was just made, so it has only lo (no need to ask).
+    """
     with _Rtnl() as nl:
-        eth0 = nl.get_link(INSIDE_IFNAME)
+        eth0 = None if fresh else nl.get_link(INSIDE_IFNAME)
         if host is not None:
             # Our pair is eth0 here and veth_host there, each the other's peer.
             if eth0 is None or eth0.peer != host.index or host.peer != eth0.index:
