@@ -149,7 +149,6 @@ class Keeper:
         self._held_size = 0
         self._held_until = 0.0
         self._last_read = 0.0
-        self._pty_holding = False
 
     # --- the loop ---
     def run(self) -> int:
@@ -228,11 +227,6 @@ class Keeper:
             self._held_size += size
             if not flowing or self._held_size >= HOLD_BYTES:
                 self._send_held()
-            elif not self._pty_holding:
-                # Let the PTY fill for the rest of the hold: a few 4 KiB reads
-                # then, instead of one per line the program writes.
-                self._pty_holding = True
-                self._update_pty_interest()
         return open_
 
     def _send_held(self) -> None:
@@ -242,9 +236,6 @@ class Keeper:
         data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
         self._held = []
         self._held_size = 0
-        if self._pty_holding:
-            self._pty_holding = False
-            self._update_pty_interest()
         self.ring.append(data)
         self.log.write(data)
         self._broadcast(kp.frame(kp.OUTPUT, data))
@@ -260,8 +251,7 @@ class Keeper:
         self._update_pty_interest()
 
     def _update_pty_interest(self) -> None:
-        reading = self.pty_open and not self.pty_paused and not self._pty_holding
-        mask = ((selectors.EVENT_READ if reading else 0)
+        mask = ((selectors.EVENT_READ if self.pty_open and not self.pty_paused else 0)
                 | (selectors.EVENT_WRITE if self.pty_in and self.pty_open else 0))
         if mask == self._pty_mask:
             return
