@@ -9,12 +9,14 @@ instead of slowing the agent or the other clients.
 Pacing: a flood moves at the speed of its readers, as it would on a terminal.
 While a client has more than PACE_HIGH bytes queued, the hub stops reading
 the keeper (which in turn stops reading the PTY, so the agent waits in
-write()). A client paces only while it keeps up: one that has not come back
-under PACE_LOW within PACE_GRACE seconds stops pacing, its queue fills, and it
-is dropped at CLIENT_QUEUE_BYTES. So a client that stops reading, or reads
-slower than (PACE_HIGH - PACE_LOW) / PACE_GRACE (768 KB/s), delays the
-agent by at most PACE_GRACE and is then dropped; one that reads at full speed
-is never dropped.
+write()). A client paces only while it keeps up: one that takes nothing for
+PACE_STALL seconds (it stopped reading), or has not come back under PACE_LOW
+within PACE_GRACE seconds (it reads slower than (PACE_HIGH - PACE_LOW) /
+PACE_GRACE, 768 KB/s), stops pacing, its queue fills, and it is dropped at
+CLIENT_QUEUE_BYTES. So a client that stops reading delays the agent and the
+other clients by at most PACE_STALL (a quarter second, once) and is then
+dropped; a slow reader by at most PACE_GRACE per episode; one that reads at
+full speed is never dropped.
 
 Window size policy: the most recent writer's size wins. A client's size is
 applied when it resizes or types; viewers never change it. Sizes are clamped to
@@ -42,6 +44,9 @@ CLIENT_QUEUE_BYTES = 2 * 1024 * 1024
 PACE_HIGH = 1024 * 1024
 PACE_LOW = 256 * 1024
 PACE_GRACE = 1.0
+#: A client behind that takes nothing at all for this long has stopped
+#: reading: it stops pacing at once instead of holding everyone for PACE_GRACE.
+PACE_STALL = 0.25
 #: One read() hands back at most this much, so a reader's own buffers stay bounded.
 READ_MAX = 256 * 1024
 #: Bytes asked of the keeper socket per read (its frames carry up to 256 KiB).
@@ -76,6 +81,8 @@ class SessionClient:
         #: and whether it used up its grace (then it no longer paces the hub)
         self.behind_since: float | None = None
         self.unpaced = False
+        #: when this client last took output (loop time; 0: never)
+        self.last_take = 0.0
 
     @property
     def can_write(self) -> bool:
@@ -130,6 +137,7 @@ class SessionClient:
         return True
 
     def _taken(self, size: int) -> None:
+        self.last_take = asyncio.get_running_loop().time()
         self._queued -= size
         if self._queued <= PACE_LOW:
             self.behind_since = None
@@ -190,6 +198,8 @@ class SessionHub:
         self.exit_signal: int | None = None
         self.ended = False
         self._drained = asyncio.Event()
+        #: seconds the hub held output back for clients that were behind (pacing)
+        self.paced_for = 0.0
         self._last_output = 0.0
         self._parse_timer: asyncio.Handle | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -282,18 +292,24 @@ class SessionHub:
             if not behind:
                 return
             now = loop.time()
+            deadlines = []
             for c in behind:
                 if c.behind_since is None:
                     c.behind_since = now
-                elif now - c.behind_since >= PACE_GRACE:
-                    c.unpaced = True   # not keeping up: no longer holds the session back
-            waiting = [c.behind_since for c in behind
-                       if not c.unpaced and c.behind_since is not None]
-            if not waiting:
+                # not keeping up, or not reading at all: no longer holds the session back
+                deadline = min(c.behind_since + PACE_GRACE,
+                               max(c.last_take, c.behind_since) + PACE_STALL)
+                if now >= deadline:
+                    c.unpaced = True
+                else:
+                    deadlines.append(deadline)
+            if not deadlines:
                 continue
             self._drained.clear()
+            t0 = loop.time()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drained.wait(), min(waiting) + PACE_GRACE - now)
+                await asyncio.wait_for(self._drained.wait(), min(deadlines) - now)
+            self.paced_for += loop.time() - t0
 
     def _client_drained(self) -> None:
         self._drained.set()

@@ -94,8 +94,10 @@ def test_stalled_client_dropped_fast_client_paced_and_complete(tmp_path: Path) -
             # the stalled one was dropped as slow, its queue never past the bound
             assert stalled.closed
             assert stalled.dropped_reason == "slow"
-            # and it held the flood back at most about PACE_GRACE
+            # and it held the flood back once, for about PACE_STALL (it took
+            # nothing at all), not PACE_GRACE (the allowance of a slow reader)
             assert flood_s < sess.PACE_GRACE + 10
+            assert 0 < hub.paced_for < sess.PACE_GRACE
             # the session's end carries the signal for SSH's exit-signal
             assert hub.exit_signal == 9
             assert hub.exit_status == 137
