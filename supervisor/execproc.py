@@ -71,6 +71,8 @@ class ExecProcess:
         self._err = _FdReader(stderr) if stderr is not None else None
         self._loop = asyncio.get_running_loop()
         self._exit: asyncio.Future[int] = self._loop.create_future()
+        #: the signal that ended the command, if one did (set on exit)
+        self.exit_signal: int | None = None
         self._pidfd = os.pidfd_open(pid)
         self._loop.add_reader(self._pidfd, self._reap)
 
@@ -81,6 +83,9 @@ class ExecProcess:
             status = 255 << 8
         code = os.waitstatus_to_exitcode(status)
         if code < 0:
+            # The waiter dies the way the command did (sandbox.init.mirror):
+            # SSH clients get exit-signal, everyone else 128+N.
+            self.exit_signal = -code
             code = 128 - code
         self._loop.remove_reader(self._pidfd)
         os.close(self._pidfd)

@@ -255,3 +255,18 @@ def test_session_killed_by_a_signal_ends_with_exit_signal(team: Team, tmux: Tmux
     assert "rtype exit-signal" in text, text
     assert "rtype exit-status" not in text, text
     assert "SSH-RC=255" in text, text
+
+
+def test_exec_killed_by_a_signal_ends_with_exit_signal(team: Team) -> None:
+    """`ssh NAME@host CMD` whose command dies of a signal: exit-signal, as for
+    the shell session; a command that exits 143 itself still gets 143."""
+    team.add("alice", "web", "collaborator")
+    opts = [o.replace("LogLevel=ERROR", "LogLevel=DEBUG") for o in team.opts("alice")]
+    r = subprocess.run(["ssh", "-p", str(team.d.ssh_port), *opts, "web@127.0.0.1",
+                        "kill -TERM $$"], capture_output=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    text = r.stderr.decode(errors="replace")
+    assert "rtype exit-signal" in text, text
+    assert "rtype exit-status" not in text, text
+    assert r.returncode == 255
+    assert team.ssh("alice", "web", "exit 143").returncode == 143  # positive control
