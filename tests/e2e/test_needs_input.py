@@ -42,8 +42,14 @@ def test_prompt_needs_input_a_running_command_does_not(daemon: Daemon, project: 
     _wait_flag(daemon, "ni1", True)  # the shell sits at its prompt
     assert any(a["name"] == "ni1" and a["needs_input"] for a in daemon.json("ps"))
     assert "(needs input)" in daemon.cli("ps", check=True).stdout
-    events = daemon.json("events", "--agent", "ni1")
-    assert [e for e in events if e["kind"] == "agent.needs_input"], events
+    # the event comes from the daemon's monitor (every 2 s), so it may trail the flag
+    deadline = time.monotonic() + 15
+    while True:
+        events = daemon.json("events", "--agent", "ni1")
+        if any(e["kind"] == "agent.needs_input" for e in events):
+            break
+        assert time.monotonic() < deadline, events
+        time.sleep(0.3)
     term.new("a", _attach_cmd(daemon, "ni1"))
     time.sleep(1)
     term.keys("a", f"echo started-{uniq}; sleep 40", "Enter")
