@@ -633,6 +633,10 @@ def top_frame(agents: list[dict[str, Any]], now: datetime | None = None) -> str:
     running = sum(1 for a in agents if a.get("state") in ("running", "degraded"))
     header = (f"corral top - {now:%H:%M:%S} - {len(agents)} agents, {running} running"
               "   (q to quit)")
+    # The ps table keeps CONTRACT.md's columns; who waits for a person goes up here.
+    waiting = [str(a.get("name")) for a in agents if a.get("needs_input")]
+    if waiting:
+        header += "\nneeds input: " + ", ".join(waiting)
     return header + "\n\n" + table.ps_table(agents, now)
 
 

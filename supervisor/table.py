@@ -98,7 +98,7 @@ def ps_row(agent: dict[str, Any], now: datetime | None = None) -> list[str]:
     pids = usage.get("pids")
     return [
         str(agent.get("name", "?")),
-        str(agent.get("state", "?")) + (" (needs input)" if agent.get("needs_input") else ""),
+        str(agent.get("state", "?")),
         str(agent.get("template") or "-"),
         uptime(agent, now),
         f"{cpu:.1f}%" if isinstance(cpu, int | float) else "-",

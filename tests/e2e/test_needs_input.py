@@ -41,7 +41,7 @@ def test_prompt_needs_input_a_running_command_does_not(daemon: Daemon, project: 
     daemon.wait_state("ni1", ("running",))
     _wait_flag(daemon, "ni1", True)  # the shell sits at its prompt
     assert any(a["name"] == "ni1" and a["needs_input"] for a in daemon.json("ps"))
-    assert "(needs input)" in daemon.cli("ps", check=True).stdout
+    assert "needs input: ni1" in daemon.cli("top", "--once", check=True).stdout
     # the event comes from the daemon's monitor (every 2 s), so it may trail the flag
     deadline = time.monotonic() + 15
     while True:
@@ -57,4 +57,4 @@ def test_prompt_needs_input_a_running_command_does_not(daemon: Daemon, project: 
     _wait_flag(daemon, "ni1", False, timeout=10)  # busy with sleep, quiet or not
     time.sleep(3)  # quiet now, still not waiting for input
     assert daemon.json("inspect", "ni1")["needs_input"] is False
-    assert "(needs input)" not in daemon.cli("ps", check=True).stdout
+    assert "needs input" not in daemon.cli("top", "--once", check=True).stdout

@@ -4,6 +4,7 @@ process, real forks, real descriptors passed over SCM_RIGHTS."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -130,6 +131,7 @@ def test_server_never_outlives_the_daemon(tmp_path: Path, how: str) -> None:
 
     owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
                              env={**os.environ, "PYTHONPATH": PKG_ROOT})
+    server = 0
     try:
         assert owner.stdout is not None
         server = int(owner.stdout.readline())
@@ -142,6 +144,9 @@ def test_server_never_outlives_the_daemon(tmp_path: Path, how: str) -> None:
         if owner.poll() is None:
             owner.kill()
             owner.wait(5)
+        if server and not _wait_gone(server, 0.1):  # a failed run leaves nothing behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server, signal.SIGKILL)  # our owner's child, by its pid
         if owner.stdout is not None:
             owner.stdout.close()
 

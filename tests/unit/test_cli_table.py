@@ -60,8 +60,17 @@ def test_tree() -> None:
         "    state: running"]
 
 
-def test_ps_row_marks_an_agent_waiting_for_input() -> None:
+def test_ps_row_keeps_the_state_column_plain_when_waiting_for_input() -> None:
+    # CONTRACT.md's columns stay parseable; `top` names who waits (test_cli)
     assert table.ps_row({"name": "a", "state": "running", "needs_input": True}, NOW)[1] == \
-        "running (needs input)"
-    assert table.ps_row({"name": "a", "state": "running", "needs_input": False}, NOW)[1] == \
         "running"
+
+
+def test_top_frame_names_the_agents_waiting_for_input() -> None:
+    from supervisor.cli import top_frame
+
+    agents = [{"name": "a", "state": "running", "needs_input": True},
+              {"name": "b", "state": "running", "needs_input": False}]
+    frame = top_frame(agents, NOW)
+    assert "needs input: a\n" in frame
+    assert "needs input" not in top_frame(agents[1:], NOW)
