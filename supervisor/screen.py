@@ -1,33 +1,347 @@
-"""The terminal-state model of a session: pyte screen in, ANSI repaint out.
+"""The terminal-state model of a session: terminal output in, ANSI repaint out.
 
-A newly attached client must see the current screen, not a raw replay of old
-bytes (which garbles full-screen programs). We feed the session's output into a
-pyte screen and, on attach, render that screen back as a compact ANSI repaint.
+A newly attached client, or one that fell behind and skipped output, must see
+the current screen, not a raw replay of old bytes (which garbles full-screen
+programs). The hub feeds every byte the session prints into a terminal
+emulator and, when a client needs it, renders that screen back as a compact
+ANSI repaint.
 
-Feeding pyte is the expensive part (pure Python, about 165 KB/s here, and it
-runs on the daemon's event loop), so output is queued raw and parsed in small
-slices once the session has been quiet for a moment (`parse_some`, driven by
-the hub), or when a snapshot is needed. If more than FLOOD_AT bytes wait,
-older queued output is discarded and the screen rebuilt from the newest TAIL
-bytes — the final screen of a flood is decided by its last bytes — so a
-snapshot never parses more than FLOOD_AT bytes (~0.4 s) and the daemon's CPU
-stays bounded whatever the agent prints.
+The emulator is libvterm (supervisor/vterm.py): it parses in C, as the bytes
+are fed, at tens of MB/s, and keeps the alternate screen that vi and top draw
+on. A repaint reads the screen back run by run (cells that share attributes),
+not cell by cell, so it costs a few ctypes calls per row.
+
+If libvterm is missing, the model falls back to pyte (pure Python, about 165
+KB/s here, and no alternate screen) with one warning. pyte output is queued
+raw and parsed in small slices once the session has been quiet (`parse_some`,
+driven by the hub), or when a snapshot is needed; beyond FLOOD_AT queued bytes
+only the newest TAIL are kept and the screen is rebuilt from them, so a
+snapshot never parses more than FLOOD_AT bytes (~0.4 s). CORRAL_SCREEN_BACKEND
+(vterm, pyte) or the `backend` argument picks one explicitly.
 """
 
 from __future__ import annotations
 
-import pyte
-import pyte.graphics
+import functools
+import logging
+import os
+import re
+import unicodedata
+from typing import Any
 
-#: Beyond this much unparsed output, only the newest TAIL bytes are parsed.
+from sandbox.errors import HostSetupError
+from supervisor import vterm
+
+log = logging.getLogger(__name__)
+
+BACKEND_ENV = "CORRAL_SCREEN_BACKEND"
+BACKENDS = ("vterm", "pyte")
+
+#: pyte fallback: beyond this much unparsed output, only the newest TAIL bytes are parsed.
 FLOOD_AT = 64 * 1024
 TAIL = 16 * 1024
 
-_FG = {v: k for k, v in {**pyte.graphics.FG_ANSI, **pyte.graphics.FG_AIXTERM}.items()}
-_BG = {v: k for k, v in {**pyte.graphics.BG_ANSI, **pyte.graphics.BG_AIXTERM}.items()}
+RESET = b"\x1b[0m"
 
 
-def _color(value: str, table: dict[str, int], truecolor: int) -> str | None:
+class ScreenModel:
+    """The screen of one session; libvterm, or pyte if libvterm is missing."""
+
+    def __init__(self, cols: int = 80, rows: int = 24, backend: str | None = None) -> None:
+        choice = backend or os.environ.get(BACKEND_ENV) or "auto"
+        if choice not in (*BACKENDS, "auto"):
+            raise ValueError(f"screen backend {choice!r} (from the argument or {BACKEND_ENV}): "
+                             f"expected one of {', '.join(BACKENDS)}")
+        self._impl: VTermScreen | PyteScreen
+        cols, rows = max(1, cols), max(1, rows)
+        if choice == "pyte":
+            self._impl = PyteScreen(cols, rows)
+            return
+        try:
+            self._impl = VTermScreen(cols, rows)
+        except HostSetupError as e:
+            if choice == "vterm":
+                raise
+            _warn_fallback(e)
+            self._impl = PyteScreen(cols, rows)
+
+    @property
+    def backend(self) -> str:
+        return self._impl.backend
+
+    @property
+    def term(self) -> vterm.VTerm | None:
+        """The libvterm terminal (None on the pyte fallback), for tests and inspection."""
+        return self._impl.term if isinstance(self._impl, VTermScreen) else None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self._impl.size
+
+    def feed(self, data: bytes) -> None:
+        """Everything the session prints, in order."""
+        self._impl.feed(data)
+
+    @property
+    def pending(self) -> int:
+        """Bytes fed but not parsed yet (always 0 with libvterm)."""
+        return self._impl.pending
+
+    def parse_some(self, limit: int) -> bool:
+        """Parse up to `limit` queued bytes; True if more wait (never with libvterm)."""
+        return self._impl.parse_some(limit)
+
+    def resize(self, cols: int, rows: int) -> None:
+        self._impl.resize(max(1, cols), max(1, rows))
+
+    def render(self) -> bytes:
+        """ANSI bytes that repaint the current screen on a fresh terminal: reset
+        SGR, home, clear, the rows' text with their attributes (trailing default
+        blanks left out), then the cursor's position and visibility."""
+        return self._impl.render()
+
+    def text(self) -> list[str]:
+        """The screen as plain lines, each as wide as the screen (for tests and `inspect`)."""
+        return self._impl.text()
+
+
+_warned = False
+
+
+def _warn_fallback(e: HostSetupError) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        log.warning("%s; screen models use pyte instead: slower, no alternate screen, and "
+                    "rebuilt from the last %d KiB after a flood", e, TAIL // 1024)
+
+
+# -- libvterm ----------------------------------------------------------------
+
+
+def _color(c: bytes, base: int, bright: int, ext: int) -> str | None:
+    """SGR parameters for a VTermColor (None: the default colour)."""
+    kind = c[0]
+    if kind & vterm.COLOR_DEFAULT:
+        return None
+    if kind & vterm.COLOR_INDEXED:
+        i = c[1]
+        if i < 8:
+            return str(base + i)
+        if i < 16:
+            return str(bright + i - 8)
+        return f"{ext};5;{i}"
+    return f"{ext};2;{c[1]};{c[2]};{c[3]}"
+
+
+def _sgr(attrs: int, fg: bytes, bg: bytes, bits: vterm.Attrs) -> bytes:
+    """One SGR sequence that sets exactly these attributes, starting from 0."""
+    parts = ["0"]
+    underline = (attrs >> bits.underline_shift) & 3
+    if underline == 2:
+        # Double underline before bold: some old terminals read 21 as "bold off".
+        parts.append("21")
+    if attrs & bits.bold:
+        parts.append("1")
+    if attrs & bits.italic:
+        parts.append("3")
+    if underline == 1:
+        parts.append("4")
+    elif underline == 3:
+        parts.append("4:3")
+    if attrs & bits.blink:
+        parts.append("5")
+    if attrs & bits.reverse:
+        parts.append("7")
+    if bits.conceal and attrs & bits.conceal:
+        parts.append("8")
+    if attrs & bits.strike:
+        parts.append("9")
+    colors = [c for c in (_color(fg, 30, 90, 38), _color(bg, 40, 100, 48)) if c]
+    seq = ";".join(parts + colors)
+    if seq.count(";") + seq.count(":") >= vterm.CSI_ARGS_MAX:
+        # Two truecolours and many attributes: libvterm (vim's and neovim's
+        # terminals too) takes 16 parameters at most, so split.
+        return b"\x1b[" + ";".join(parts).encode() + b"m\x1b[" + ";".join(colors).encode() + b"m"
+    return b"\x1b[" + seq.encode() + b"m"
+
+
+# Characters that are one cell wide for libvterm (and every wcwidth), and
+# not combining: Latin, Greek, Cyrillic, general punctuation, arrows and math,
+# box drawing and blocks, Braille. Anything else takes the cell-by-cell path.
+_NOT_NARROW = re.compile("[^\x20-\x7e\xa0-\u02ff\u0370-\u0482\u048a-\u04ff\u2010-\u2027"
+                         "\u2030-\u205e\u2190-\u22ff\u2500-\u259f\u2800-\u28ff]")
+
+
+class VTermScreen:
+    backend = "vterm"
+    pending = 0
+
+    def __init__(self, cols: int, rows: int) -> None:
+        self.term = vterm.VTerm(cols, rows)
+        # raw cell attributes (VTerm.run) -> SGR; bounded, truecolor has many
+        self._sgr: dict[bytes, bytes] = {}
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.term.size
+
+    def feed(self, data: bytes) -> None:
+        self.term.write(data)
+
+    def parse_some(self, limit: int) -> bool:
+        return False
+
+    def resize(self, cols: int, rows: int) -> None:
+        self.term.resize(cols, rows)
+
+    def _sgr_of(self, raw: bytes) -> bytes:
+        sgr = self._sgr.get(raw)
+        if sgr is None:
+            if len(self._sgr) >= 4096:
+                self._sgr.clear()
+            attrs = int.from_bytes(raw[:4], "little")
+            sgr = self._sgr[raw] = _sgr(attrs, raw[4:8], raw[8:12], self.term.attr_bits)
+        return sgr
+
+    def render(self) -> bytes:
+        t = self.term
+        cols, rows = t.size
+        # The client's terminal goes to the screen the program is on. Leaving
+        # the alternate screen restores the client's own main screen, so that
+        # one is cleared first: libvterm cannot show us the session's main
+        # screen while the alternate one is up.
+        if t.altscreen:
+            out = [RESET, b"\x1b[H\x1b[2J\x1b[?1049h"]
+        else:
+            out = [b"\x1b[?1049l", RESET, b"\x1b[H\x1b[2J"]
+        cur = RESET
+        for row in range(rows):
+            runs = self._runs(row, cols)
+            # Trailing default blanks need no painting.
+            while runs and runs[-1][2] == RESET and not runs[-1][3].rstrip(b" "):
+                runs.pop()
+            if runs and runs[-1][2] == RESET:
+                col, end, sgr, text, covered = runs[-1]
+                stripped = text.rstrip(b" ")
+                runs[-1] = (col, end, sgr, stripped, covered - (len(text) - len(stripped)))
+            at = -1
+            for col, end, sgr, text, covered in runs:
+                if sgr == RESET and not text:
+                    continue   # a gap: the next run moves the cursor past it
+                if at != col:
+                    out.append(b"\x1b[%d;%dH" % (row + 1, col + 1))
+                if sgr != cur:
+                    out.append(sgr)
+                    cur = sgr
+                if sgr != RESET and covered != end:
+                    # Erased cells in colour: ECH paints them with the pen, as
+                    # the program most likely did, without moving the cursor.
+                    out.append(b"\x1b[%dX" % (end - col))
+                out.append(text)
+                at = covered
+        attrs, fg, bg = t.pen()
+        pen = _sgr(attrs, fg, bg, t.attr_bits)
+        if pen != cur:
+            # Raw output after the repaint continues in the program's colours.
+            out.append(pen)
+        y, x = t.cursor()
+        out.append(b"\x1b[%d;%dH" % (y + 1, x + 1))
+        out.append(b"\x1b[?25h" if t.cursor_visible else b"\x1b[?25l")
+        return b"".join(out)
+
+    def _runs(self, row: int, cols: int) -> list[tuple[int, int, bytes, bytes, int]]:
+        """A row as runs of cells that look alike: (start, end, SGR, UTF-8 text,
+        the column after the text). Erased cells inside a run's text are
+        spaces; trailing ones are left to the caller."""
+        t = self.term
+        line = t.text(row, 0, cols)
+        # The common case: a row of characters one cell wide each (ASCII, box
+        # drawing, ...) is read once and sliced into runs; is_eol checks that
+        # no cell behind a wide character was skipped.
+        if line.isascii():
+            chars: bytes | str = line
+        else:
+            chars = line.decode("utf-8", "replace")
+            if _NOT_NARROW.search(chars):
+                chars = ""
+        if chars and t.is_eol(row, len(chars)):
+            runs = []
+            col = 0
+            while col < cols:
+                end, raw, _tail = t.run(row, col)
+                piece = chars[col:end]
+                text = piece if isinstance(piece, bytes) else piece.encode()
+                runs.append((col, end, self._sgr_of(raw), text, col + len(piece)))
+                col = end
+            return runs
+        return self._runs_by_cell(t.row_cells(row))
+
+    def _runs_by_cell(self, cells: list[tuple[str, int, bytes]]
+                      ) -> list[tuple[int, int, bytes, bytes, int]]:
+        # Wide and combining characters, and libvterm's leftovers when a
+        # program overwrote half of a wide character: libvterm keeps the other
+        # half (a lone second cell, or a wide character one cell wide); both
+        # are drawn blank, as xterm shows them.
+        runs = []
+        cols = len(cells)
+        col = 0
+        while col < cols:
+            raw = cells[col][2]
+            parts: list[str] = []
+            blanks = 0
+            x = covered = col
+            while x < cols and cells[x][2] == raw:
+                text, width, _ = cells[x]
+                if text and width == 1 and unicodedata.east_asian_width(text[0]) in "WF":
+                    text = ""   # a wide character whose second cell was overwritten
+                elif width == 2 and text < "\u1100":
+                    width = 1   # narrow (nothing below U+1100 is wide), before a lone second cell
+                if not text:
+                    blanks += 1
+                    x += 1
+                    continue
+                parts.append(" " * blanks + text)
+                blanks = 0
+                covered = x + width
+                x += width   # a wide character's second cell goes with it
+            end = min(x, cols)
+            runs.append((col, end, self._sgr_of(raw), "".join(parts).encode("utf-8", "replace"),
+                         covered))
+            col = end
+        return runs
+
+    def text(self) -> list[str]:
+        t = self.term
+        cols, rows = t.size
+        lines = []
+        for row in range(rows):
+            line = t.text(row, 0, cols).decode("utf-8", "replace")
+            # Pad to the screen's width: find where the trailing erased cells start.
+            lo, hi = 0, cols
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if t.is_eol(row, mid):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            lines.append(line + " " * (cols - lo))
+        return lines
+
+
+# -- pyte fallback -------------------------------------------------------------
+
+
+@functools.cache
+def _pyte_colors() -> tuple[dict[str, int], dict[str, int]]:
+    import pyte.graphics as g
+
+    fg = {v: k for k, v in {**g.FG_ANSI, **g.FG_AIXTERM}.items()}
+    bg = {v: k for k, v in {**g.BG_ANSI, **g.BG_AIXTERM}.items()}
+    return fg, bg
+
+
+def _pyte_color(value: str, table: dict[str, int], truecolor: int) -> str | None:
     if value == "default":
         return None
     if value in table:
@@ -41,7 +355,8 @@ def _color(value: str, table: dict[str, int], truecolor: int) -> str | None:
     return None
 
 
-def _sgr(ch: pyte.screens.Char) -> str:
+def _pyte_sgr(ch: Any) -> str:
+    fg_table, bg_table = _pyte_colors()
     parts = ["0"]
     if ch.bold:
         parts.append("1")
@@ -55,17 +370,23 @@ def _sgr(ch: pyte.screens.Char) -> str:
         parts.append("7")
     if ch.strikethrough:
         parts.append("9")
-    fg = _color(ch.fg, _FG, 38)
+    fg = _pyte_color(ch.fg, fg_table, 38)
     if fg:
         parts.append(fg)
-    bg = _color(ch.bg, _BG, 48)
+    bg = _pyte_color(ch.bg, bg_table, 48)
     if bg:
         parts.append(bg)
     return "\x1b[" + ";".join(parts) + "m"
 
 
-class ScreenModel:
-    def __init__(self, cols: int = 80, rows: int = 24) -> None:
+class PyteScreen:
+    backend = "pyte"
+    term = None
+
+    def __init__(self, cols: int, rows: int) -> None:
+        # Imported here: pyte takes ~65 ms to import and is rarely needed.
+        import pyte
+
         self.screen = pyte.Screen(cols, rows)
         self.stream = pyte.ByteStream(self.screen)
         self._pending: list[bytes] = []
@@ -78,7 +399,7 @@ class ScreenModel:
 
     def feed(self, data: bytes) -> None:
         """Queue output; parsing waits for a snapshot, so a flood costs only
-        appends here (the hub must keep up with the keeper, or it is dropped)."""
+        appends here."""
         self._pending.append(data)
         self._pending_size += len(data)
         if self._pending_size >= FLOOD_AT:
@@ -93,7 +414,6 @@ class ScreenModel:
         return self._pending_size
 
     def parse_some(self, limit: int) -> bool:
-        """Parse up to `limit` queued bytes; True if more wait."""
         if not self._pending:
             return False
         data = b"".join(self._pending)
@@ -107,23 +427,14 @@ class ScreenModel:
         return bool(rest)
 
     def _flush(self) -> None:
-        if not self._pending:
-            return
-        data = b"".join(self._pending)
-        self._pending.clear()
-        self._pending_size = 0
-        if self._reset:
-            # After a flood: start from a clean screen, parse only the tail.
-            self.screen.reset()
-            self._reset = False
-        self.stream.feed(data)
+        while self.parse_some(self._pending_size):
+            pass
 
     def resize(self, cols: int, rows: int) -> None:
         self._flush()
         self.screen.resize(rows, cols)
 
     def render(self) -> bytes:
-        """ANSI bytes that repaint the current screen on a fresh terminal."""
         self._flush()
         s = self.screen
         out = ["\x1b[0m\x1b[H\x1b[2J"]
@@ -133,7 +444,7 @@ class ScreenModel:
             last = -1
             for x in range(s.columns):
                 ch = row[x]
-                if ch.data not in (" ", "") or _sgr(ch) != "\x1b[0m":
+                if ch.data not in (" ", "") or _pyte_sgr(ch) != "\x1b[0m":
                     last = x
             if last < 0:
                 continue
@@ -141,7 +452,7 @@ class ScreenModel:
             cur = ""
             for x in range(last + 1):
                 ch = row[x]
-                sgr = _sgr(ch)
+                sgr = _pyte_sgr(ch)
                 if sgr != cur:
                     out.append(sgr)
                     cur = sgr
@@ -152,6 +463,5 @@ class ScreenModel:
         return "".join(out).encode("utf-8", "replace")
 
     def text(self) -> list[str]:
-        """The screen as plain lines (for tests and `inspect`)."""
         self._flush()
         return list(self.screen.display)
