@@ -31,6 +31,7 @@ from typing import Any
 
 from sandbox.errors import HostSetupError
 from supervisor import vterm
+from supervisor.screen_flood import FloodCutter
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,7 @@ class VTermScreen:
 
     def __init__(self, cols: int, rows: int) -> None:
         self.term = vterm.VTerm(cols, rows)
+        self.flood = FloodCutter()
         # raw cell attributes (VTerm.run) -> SGR; bounded, truecolor has many
         self._sgr: dict[bytes, bytes] = {}
 
@@ -187,7 +189,8 @@ class VTermScreen:
         return self.term.size
 
     def feed(self, data: bytes) -> None:
-        self.term.write(data)
+        # The head of a flood that scrolls away unseen is not parsed.
+        self.term.write(self.flood.cut(data, self.term.size[1]))
 
     def parse_some(self, limit: int) -> bool:
         return False
@@ -216,6 +219,11 @@ class VTermScreen:
         else:
             out = [b"\x1b[?1049l", RESET, b"\x1b[H\x1b[2J"]
         cur = RESET
+        # Where the cursor is. The next row's start is reached with CR LF, as
+        # tmux does (line-oriented readers of a client's output, like grep,
+        # see lines), anything else with CUP; rows are painted top down, so
+        # the LFs never scroll.
+        cy = cx = 0
         for row in range(rows):
             runs = self._runs(row, cols)
             # Trailing default blanks need no painting.
@@ -225,11 +233,12 @@ class VTermScreen:
                 col, end, sgr, text, covered = runs[-1]
                 stripped = text.rstrip(b" ")
                 runs[-1] = (col, end, sgr, stripped, covered - (len(text) - len(stripped)))
-            at = -1
             for col, end, sgr, text, covered in runs:
                 if sgr == RESET and not text:
                     continue   # a gap: the next run moves the cursor past it
-                if at != col:
+                if row > cy and col == 0:
+                    out.append(b"\r\n" * (row - cy))
+                elif (row, col) != (cy, cx):
                     out.append(b"\x1b[%d;%dH" % (row + 1, col + 1))
                 if sgr != cur:
                     out.append(sgr)
@@ -239,7 +248,7 @@ class VTermScreen:
                     # the program most likely did, without moving the cursor.
                     out.append(b"\x1b[%dX" % (end - col))
                 out.append(text)
-                at = covered
+                cy, cx = row, covered
         attrs, fg, bg = t.pen()
         pen = _sgr(attrs, fg, bg, t.attr_bits)
         if pen != cur:

@@ -2,21 +2,21 @@
 
 One `SessionHub` per running agent holds one connection to the agent's keeper,
 keeps the screen model, and fans the session's output out to every attached
-client (local `corral attach`, SSH). Fan-out follows DESIGN.md's measurement:
-each client has a bounded queue; a client whose queue overflows is dropped
-instead of slowing the agent or the other clients.
+client (local `corral attach`, SSH).
 
-Pacing: a flood moves at the speed of its readers, as it would on a terminal.
-While a client has more than PACE_HIGH bytes queued, the hub stops reading
-the keeper (which in turn stops reading the PTY, so the agent waits in
-write()). A client paces only while it keeps up: one that takes nothing for
-PACE_STALL seconds (it stopped reading), or has not come back under PACE_LOW
-within PACE_GRACE seconds (it reads slower than (PACE_HIGH - PACE_LOW) /
-PACE_GRACE, 768 KB/s), stops pacing, its queue fills, and it is dropped at
-CLIENT_QUEUE_BYTES. So a client that stops reading delays the agent and the
-other clients by at most PACE_STALL (a quarter second, once) and is then
-dropped; a slow reader by at most PACE_GRACE per episode; one that reads at
-full speed is never dropped.
+Fan-out is tmux's skip-and-repaint: the hub reads the keeper as fast as the
+agent prints and feeds every byte to the screen model, and a client never
+holds the agent or the other clients back. A client that keeps up gets the raw
+output. One that falls behind (more than SKIP_AT bytes queued here, because its
+reader is waiting for the client's side to catch up) has its queue discarded
+and stops receiving output; once it is waiting for more, it gets one repaint
+of the current screen and raw output again from there. Repaints happen on a
+shared tick (REPAINT_EVERY, longer if rendering is slow), so a flood costs one
+render per tick however many clients lag. Like tmux, a client that lagged has
+the current screen but not every intermediate line in its own terminal's
+scrollback; the session log keeps all of it. Memory per client is bounded by
+SKIP_AT (plus one frame); a client that takes nothing at all for STALL_DROP
+seconds while it lags has stopped reading and is dropped.
 
 Window size policy: the most recent writer's size wins. A client's size is
 applied when it resizes or types; viewers never change it. Sizes are clamped to
@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -38,22 +39,22 @@ from supervisor.screen import ScreenModel
 
 log = logging.getLogger(__name__)
 
-#: Pending output per client before it is considered stalled and dropped.
-CLIENT_QUEUE_BYTES = 2 * 1024 * 1024
-#: Pacing (see the module doc): queue levels and how long one client may pace.
-PACE_HIGH = 1024 * 1024
-PACE_LOW = 256 * 1024
-PACE_GRACE = 1.0
-#: A client behind that takes nothing at all for this long has stopped
-#: reading: it stops pacing at once instead of holding everyone for PACE_GRACE.
-PACE_STALL = 0.25
+#: Output queued for one client beyond which it has fallen behind (skip mode).
+#: At least one keeper frame (256 KiB) always fits in an empty queue.
+SKIP_AT = 128 * 1024
+#: How often lagging clients are repainted (tmux: 100 ms); stretched to
+#: REPAINT_COST times the last render's duration when rendering is slow.
+REPAINT_EVERY = 0.1
+REPAINT_COST = 5
+#: A lagging client that has taken nothing for this long has stopped reading.
+STALL_DROP = 30.0
 #: One read() hands back at most this much, so a reader's own buffers stay bounded.
 READ_MAX = 256 * 1024
 #: Bytes asked of the keeper socket per read (its frames carry up to 256 KiB).
 SOCKET_READ = 1024 * 1024
 #: The screen model is parsed once output has been quiet this long, PARSE_SLICE
-#: bytes (~25 ms of pyte) per turn of the loop, so a late joiner's snapshot is
-#: cheap and a flood costs no parsing at all while it lasts.
+#: bytes per turn of the loop (only the pyte fallback defers parsing; libvterm
+#: parses as it is fed).
 PARSE_QUIET = 0.2
 PARSE_SLICE = 4096
 WRITER_ROLES = ("collaborator", "owner")
@@ -64,7 +65,7 @@ def clamp_size(cols: int, rows: int) -> tuple[int, int]:
 
 
 class SessionClient:
-    """One attached client; see /tmp interfaces: snapshot, read, write, resize, close."""
+    """One attached client: snapshot, read, write, resize, close."""
 
     def __init__(self, hub: SessionHub, user: str, role: str, size: tuple[int, int] | None):
         self.hub = hub
@@ -77,12 +78,17 @@ class SessionClient:
         self._event = asyncio.Event()
         self.closed = False
         self.dropped_reason = ""
-        #: pacing state: since when this client is behind (None: it is not),
-        #: and whether it used up its grace (then it no longer paces the hub)
-        self.behind_since: float | None = None
-        self.unpaced = False
-        #: when this client last took output (loop time; 0: never)
-        self.last_take = 0.0
+        #: skip mode: output is discarded until the next repaint (module doc)
+        self.lagging = False
+        #: a repaint waiting to be read (set by the hub's tick)
+        self._repaint: bytes | None = None
+        #: whether a reader is waiting in read() for output
+        self.waiting = False
+        #: how many times this client fell behind, and bytes it did not get raw
+        self.skips = 0
+        self.skipped_bytes = 0
+        #: when this client last took output (monotonic)
+        self.last_take = time.monotonic()
 
     @property
     def can_write(self) -> bool:
@@ -91,22 +97,40 @@ class SessionClient:
     def _push(self, data: bytes) -> None:
         if self.closed:
             return
-        if self._queued + len(data) > CLIENT_QUEUE_BYTES:
-            self.hub._detach(self, "slow")
+        if self.lagging:
+            self.skipped_bytes += len(data)
+            if time.monotonic() - self.last_take > STALL_DROP:
+                self.hub._detach(self, "slow")
             return
         self._chunks.append(data)
         self._queued += len(data)
         self._event.set()
 
-    def paces(self) -> bool:
-        """Must the hub wait for this client before reading more output?"""
-        return self._queued > PACE_HIGH and not self.unpaced
+    def _check_behind(self) -> None:
+        """Before the hub reads more output: has this client fallen behind?
+        (Checked per keeper read, not per frame, so one read's several frames
+        never count against a client that takes everything it is given.)"""
+        if self._queued > SKIP_AT and not self.lagging:
+            # What it has not taken yet is superseded by the repaint.
+            self.skipped_bytes += self._queued
+            self._chunks.clear()
+            self._queued = 0
+            self.lagging = True
+            self.skips += 1
+            self.hub._lagging(self)
+
+    def _give_repaint(self, screen: bytes) -> None:
+        self.lagging = False
+        self._repaint = screen
+        self._event.set()
 
     async def read(self) -> bytes:
         """Queued output, at most READ_MAX bytes; b"" once the client is closed."""
         if not await self._wait():
             return b""
-        if self._queued <= READ_MAX:
+        if self._repaint is not None:
+            data, self._repaint = self._repaint, None
+        elif self._queued <= READ_MAX:
             data = b"".join(self._chunks)
             self._chunks.clear()
         else:
@@ -120,7 +144,12 @@ class SessionClient:
         READ_MAX bytes; [] once the client is closed."""
         if not await self._wait():
             return []
-        out: list[bytes] = []
+        if self._repaint is not None:
+            out = [self._repaint]
+            self._repaint = None
+            self._taken(0)
+            return out
+        out = []
         size = 0
         while self._chunks and size < READ_MAX:
             out.append(self._chunks.popleft())
@@ -129,20 +158,20 @@ class SessionClient:
         return out
 
     async def _wait(self) -> bool:
-        while not self._chunks:
+        while not self._chunks and self._repaint is None:
             if self.closed:
                 return False
             self._event.clear()
-            await self._event.wait()
+            self.waiting = True
+            try:
+                await self._event.wait()
+            finally:
+                self.waiting = False
         return True
 
     def _taken(self, size: int) -> None:
-        self.last_take = asyncio.get_running_loop().time()
+        self.last_take = time.monotonic()
         self._queued -= size
-        if self._queued <= PACE_LOW:
-            self.behind_since = None
-            self.unpaced = False
-            self.hub._client_drained()
 
     def _take(self, limit: int) -> bytes:
         parts: list[bytes] = []
@@ -197,9 +226,11 @@ class SessionHub:
         #: the signal that ended the session, if one did (SSH clients get exit-signal)
         self.exit_signal: int | None = None
         self.ended = False
-        self._drained = asyncio.Event()
-        #: seconds the hub held output back for clients that were behind (pacing)
-        self.paced_for = 0.0
+        #: the current screen's repaint, while no output or resize changed it
+        self._render: bytes | None = None
+        self._repaint_timer: asyncio.TimerHandle | None = None
+        #: repaints rendered for lagging clients (one per tick, shared)
+        self.repaints = 0
         self._last_output = 0.0
         self._parse_timer: asyncio.Handle | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -221,24 +252,32 @@ class SessionHub:
         status: int | None = None
         try:
             while True:
-                await self._pace()
+                for c in list(self.clients):
+                    c._check_behind()
                 data = await reader.read(SOCKET_READ)
                 if not data:
                     break
+                # One read's output is parsed as one piece (a flood's head is
+                # then cut in one go: supervisor.screen_flood), before anything
+                # else that reads or resizes the screen.
+                output: list[bytes] = []
                 for kind, payload in frames.feed(data):
-                    if kind == kp.BACKLOG:
-                        self.screen.feed(payload)
-                    elif kind == kp.OUTPUT:
-                        self.screen.feed(payload)
+                    if kind == kp.OUTPUT:
+                        output.append(payload)
                         for c in list(self.clients):
                             c._push(payload)
-                        self._output_seen()
+                        continue
+                    self._parse(output)
+                    if kind == kp.BACKLOG:
+                        self.screen.feed(payload)
+                        self._render = None
                     elif kind == kp.STATE:
                         st = json.loads(payload)
                         if not self._ready.is_set():
                             cols, rows = st.get("cols", 80), st.get("rows", 24)
                             self.size = (cols, rows)
                             self.screen.resize(cols, rows)
+                            self._render = None
                             self._ready.set()
                         for fut in self._state_waiters:
                             if not fut.done():
@@ -249,6 +288,10 @@ class SessionHub:
                         status = ex.get("status")
                         sig = ex.get("signal")
                         self.exit_signal = sig if isinstance(sig, int) else None
+                self._parse(output)
+                # Let the clients' readers take this read's output before the
+                # next read (read() returns at once while the socket has more).
+                await asyncio.sleep(0)
         except (OSError, ValueError) as e:
             log.warning("[agent=%s] keeper connection broke: %s", self.agent, e)
         finally:
@@ -257,6 +300,12 @@ class SessionHub:
             if self._parse_timer is not None:
                 self._parse_timer.cancel()
                 self._parse_timer = None
+            if self._repaint_timer is not None:
+                self._repaint_timer.cancel()
+                self._repaint_timer = None
+            for c in list(self.clients):
+                if c.lagging:   # it still gets the screen the session ended with
+                    c._give_repaint(self.render())
             for c in list(self.clients):
                 self._detach(c, "session ended")
             for fut in self._state_waiters:
@@ -265,6 +314,13 @@ class SessionHub:
             self._ready.set()
             if self.on_exit:
                 self.on_exit(status)
+
+    def _parse(self, output: list[bytes]) -> None:
+        if output:
+            self.screen.feed(output[0] if len(output) == 1 else b"".join(output))
+            output.clear()
+            self._render = None
+            self._output_seen()
 
     def _output_seen(self) -> None:
         loop = asyncio.get_running_loop()
@@ -284,35 +340,37 @@ class SessionHub:
         elif self.screen.parse_some(PARSE_SLICE):
             self._parse_timer = loop.call_soon(self._parse_tick)
 
-    async def _pace(self) -> None:
-        """Wait while a client that keeps up is too far behind (module doc)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            behind = [c for c in self.clients if c.paces()]
-            if not behind:
-                return
-            now = loop.time()
-            deadlines = []
-            for c in behind:
-                if c.behind_since is None:
-                    c.behind_since = now
-                # not keeping up, or not reading at all: no longer holds the session back
-                deadline = min(c.behind_since + PACE_GRACE,
-                               max(c.last_take, c.behind_since) + PACE_STALL)
-                if now >= deadline:
-                    c.unpaced = True
-                else:
-                    deadlines.append(deadline)
-            if not deadlines:
-                continue
-            self._drained.clear()
-            t0 = loop.time()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drained.wait(), min(deadlines) - now)
-            self.paced_for += loop.time() - t0
+    def render(self) -> bytes:
+        """The current screen as a repaint, rendered at most once per change."""
+        if self._render is None:
+            self._render = self.screen.render()
+        return self._render
 
-    def _client_drained(self) -> None:
-        self._drained.set()
+    def _lagging(self, client: SessionClient) -> None:
+        """A client fell behind: make sure the repaint tick runs."""
+        if self._repaint_timer is None and not self.ended:
+            self._repaint_timer = asyncio.get_running_loop().call_later(
+                REPAINT_EVERY, self._repaint_tick)
+
+    def _repaint_tick(self) -> None:
+        """Repaint every lagging client whose reader is waiting (it has caught
+        up with what it was sent); the others wait for a later tick."""
+        self._repaint_timer = None
+        lagging = [c for c in self.clients if c.lagging]
+        ready = [c for c in lagging if c.waiting]
+        cost = 0.0
+        if ready:
+            t0 = time.monotonic()
+            fresh = self._render is None
+            screen = self.render()
+            cost = time.monotonic() - t0
+            if fresh:
+                self.repaints += 1
+            for c in ready:
+                c._give_repaint(screen)
+        if len(ready) < len(lagging) and not self.ended:
+            self._repaint_timer = asyncio.get_running_loop().call_later(
+                max(REPAINT_EVERY, REPAINT_COST * cost), self._repaint_tick)
 
     def _send(self, data: bytes) -> None:
         if self._writer is not None and not self._writer.is_closing():
@@ -327,6 +385,7 @@ class SessionHub:
             return
         self.size = (cols, rows)
         self.screen.resize(cols, rows)
+        self._render = None
         self._send(kp.frame(kp.RESIZE, json.dumps({"cols": cols, "rows": rows}).encode()))
 
     def signal(self, sig: int) -> None:
@@ -345,7 +404,7 @@ class SessionHub:
             return client
         if client.can_write and client.size:
             self.resize(*client.size)
-        client.snapshot = self.screen.render()
+        client.snapshot = self.render()
         self.clients.append(client)
         if self.on_client:
             self.on_client("attach", client)
@@ -354,7 +413,6 @@ class SessionHub:
     def _detach(self, client: SessionClient, reason: str) -> None:
         if client in self.clients:
             self.clients.remove(client)
-            self._drained.set()   # a pacing client that leaves must not hold the hub
             if self.on_client:
                 self.on_client("detach", client)
         if reason == "slow":

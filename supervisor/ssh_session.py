@@ -1,11 +1,12 @@
 """One SSH session channel: the shared terminal (shell), a command (exec), or sftp.
 
 - shell: attach to the agent's shared session (`Manager.attach`), paint the
-  snapshot, then pump output to the client and keystrokes back. Output is
-  written without waiting while the channel's buffer is under WRITE_HIGH;
-  above it, the pump waits for the channel to drain, at most `drain_timeout`
-  seconds, so the SSH side never buffers more than WRITE_HIGH plus one read
-  (the hub paces, then drops, a client that falls behind). Keystrokes and
+  snapshot, then pump output to the client and keystrokes back. The pump
+  takes more from the hub only once the client has consumed all but
+  FLIGHT_MAX of what it was sent (and asyncssh's buffer is under
+  WRITE_HIGH), waiting at most `drain_timeout` seconds before dropping it; a
+  client that falls behind thus lags in the hub, which skips it ahead with a
+  repaint of the current screen (supervisor.session). Keystrokes and
   resizes of a viewer are dropped here as well as in the hub. Every attach is
   recorded (asciicast v2) and audited (session.attach / session.detach).
   When the session ends, the channel gets its exit status, or exit-signal
@@ -61,6 +62,14 @@ MAX_PKTSIZE = 32768
 #: about once per read instead of on every chunk.
 WRITE_HIGH = 512 * 1024
 WRITE_LOW = 128 * 1024
+#: Session output the client has been sent but not yet consumed (its window
+#: credit has not come back) beyond which the pump waits before taking more
+#: from the hub, polling every FLIGHT_POLL. So a client that falls behind lags
+#: in the hub, where it is skipped ahead with a repaint (supervisor.session),
+#: instead of chewing through megabytes of stale output in its own buffers.
+FLIGHT_MAX = 256 * 1024
+FLIGHT_POLL = 0.01
+FLIGHT_PATIENCE = 0.1
 
 #: What a session ended with: an exit status, or the signal that killed it.
 Outcome = int | signal_mod.Signals
@@ -198,6 +207,10 @@ class AgentSession(SSHServerStreamSession[bytes]):
         self._task: asyncio.Task[Any] | None = None
         self._on_resize: Callable[[int, int], None] | None = None
         self._proc: ExecProcessLike | None = None
+        #: the client's largest send window seen, and how much of it may be
+        #: unconsumed before the pump waits (see _client_caught_up)
+        self._window_max = 0
+        self._flight_limit = FLIGHT_MAX
 
     # --- requests (asyncssh asks; we answer yes/no) -------------------------
 
@@ -374,6 +387,8 @@ class AgentSession(SSHServerStreamSession[bytes]):
 
         self._on_resize = resize
         feeder = self._ctx.tasks.spawn(self._shell_input(stdin, client), f"ssh-in{self._tag}")
+        window = getattr(self._chan, "_send_window", 0)   # nothing sent yet: the whole window
+        self._window_max = window if isinstance(window, int) else 0
         try:
             if client.snapshot:
                 if rec is not None:
@@ -397,6 +412,7 @@ class AgentSession(SSHServerStreamSession[bytes]):
                 # client that does not take the data within drain_timeout is dropped.
                 if self._write_paused:
                     await asyncio.wait_for(stdout.drain(), timeout=self._limits.drain_timeout)
+                await asyncio.wait_for(self._client_caught_up(), timeout=self._limits.drain_timeout)
             # Say why the view ended (session exited, dropped as slow, revoked).
             reason = getattr(client, "dropped_reason", "")
             if reason and reason != "closed":
@@ -414,6 +430,36 @@ class AgentSession(SSHServerStreamSession[bytes]):
             mgr.audit("session.detach", access.agent, user=access.user, addr=access.addr)
             log.info("%s detached", self._tag)
         return 0
+
+    async def _client_caught_up(self) -> None:
+        """Wait until the client has consumed all but `_flight_limit` of what it was sent.
+
+        In flight is the client's initial window (the largest seen) minus what
+        is left of it, plus asyncssh's own buffer. OpenSSH returns credit every
+        96 KiB it writes out; a client that returns it in larger lumps
+        (asyncssh's: at half its window) sends none while we wait, so after
+        FLIGHT_PATIENCE without credit this client's limit grows by FLIGHT_MAX
+        for good. asyncssh has no public accessor for the send window; without
+        it this never waits."""
+        chan = self._chan
+        waited = 0.0
+        last = -1
+        while chan is not None:
+            window = getattr(chan, "_send_window", None)
+            if not isinstance(window, int):
+                return
+            self._window_max = max(self._window_max, window)
+            in_flight = self._window_max - window + chan.get_write_buffer_size()
+            if in_flight <= self._flight_limit:
+                return
+            if window > last >= 0:
+                waited = 0.0   # credit came back: it is consuming, keep waiting
+            elif waited >= FLIGHT_PATIENCE:
+                self._flight_limit = in_flight + FLIGHT_MAX
+                return
+            last = window
+            await asyncio.sleep(FLIGHT_POLL)
+            waited += FLIGHT_POLL
 
     @staticmethod
     def _session_outcome(client: SessionClientLike) -> Outcome:

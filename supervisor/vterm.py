@@ -11,7 +11,10 @@ fg 32, bg 36). The -dev package is not needed at run time.
 libvterm (0.1.4 up to at least 0.3.3) stores a CSI's parameters in 16 slots
 and counts them without a bound: a 17th parameter writes past them and
 crashes the process, and any program in a session can print one. CsiGuard
-truncates such sequences before libvterm sees them.
+truncates such sequences before libvterm sees them. libvterm 0.1.4 also
+crashes on a UTF-8-encoded C1 control (U+0080..U+009F) followed by a character
+while insert mode is on; C1Guard removes those code points (terminals in UTF-8
+mode such as VTE ignore them too).
 
 No Python runs per byte: the only callbacks are the screen's settermprop (a
 few per escape sequence that changes cursor visibility or the alternate
@@ -84,6 +87,25 @@ def _truncate(params: bytes, seps: int) -> bytes:
                 return params[:i]
             n += 1
     return params
+
+
+_C1 = re.compile(rb"\xc2[\x80-\x9f]")
+
+
+class C1Guard:
+    """Removes UTF-8-encoded C1 controls, also when one is split across chunks."""
+
+    def __init__(self) -> None:
+        self._carry = b""
+
+    def filter(self, data: bytes) -> bytes:
+        if self._carry:
+            data, self._carry = self._carry + data, b""
+        if data[-1:] == b"\xc2":
+            data, self._carry = data[:-1], b"\xc2"
+        if b"\xc2" in data:
+            data = _C1.sub(b"", data)
+        return data
 
 
 class CsiGuard:
@@ -325,6 +347,7 @@ class VTerm:
         # Reused by the calls below rather than allocated per call.
         self._write = lib.vterm_input_write
         self._guard = CsiGuard()
+        self._c1 = C1Guard()
         self._get_cell = lib.vterm_screen_get_cell
         self._get_text = lib.vterm_screen_get_text
         self._extent = lib.vterm_screen_get_attrs_extent
@@ -362,7 +385,7 @@ class VTerm:
 
     def write(self, data: bytes) -> None:
         """Parse terminal output (synchronously, in C)."""
-        data = self._guard.filter(data)
+        data = self._guard.filter(self._c1.filter(data))
         self._write(self._vt, data, len(data))
 
     def resize(self, cols: int, rows: int) -> None:

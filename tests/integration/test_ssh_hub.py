@@ -1,9 +1,10 @@
 """The real SessionHub's fan-out policy against a keeper stand-in on a real unix socket.
 
-A flood is paced to a client that keeps reading (it is never dropped, and gets
-every byte), while a client that stops reading holds the flood back at most
-PACE_GRACE and is then dropped at its bounded queue; the session's end carries
-the exit signal.
+tmux's skip-and-repaint: a flood runs at the agent's pace whatever the clients
+do. A client that takes everything gets every byte; one that falls behind is
+skipped ahead and ends with exactly the hub's screen (its own terminal model,
+fed only what it received, matches); one that stops reading holds a bounded
+queue and is dropped; the session's end carries the exit signal.
 """
 
 from __future__ import annotations
@@ -19,19 +20,24 @@ import pytest
 
 from supervisor import keeper_proto as kp
 from supervisor import session as sess
+from supervisor.screen import ScreenModel
 from supervisor.session import SessionClient, SessionHub
 
 FLOOD = 24 * 1024 * 1024
 CHUNK = 64 * 1024
+#: the most a client's queue may hold: the skip bound plus one keeper read
+QUEUE_BOUND = sess.SKIP_AT + sess.SOCKET_READ + CHUNK
 
 
 class FakeKeeper:
-    """Answers HELLO/STATUS like the keeper, then floods OUTPUT frames as fast
-    as the socket takes them (so the hub's reading pace is the flood's pace)."""
+    """Answers HELLO/STATUS like the keeper, then floods OUTPUT frames of
+    numbered lines as fast as the socket takes them (or `pace` seconds apart),
+    then a last line naming the end, then EXIT."""
 
-    def __init__(self, path: str, exit_signal: int | None = None) -> None:
+    def __init__(self, path: str, exit_signal: int | None = None, pace: float = 0.0) -> None:
         self.path = path
         self.exit_signal = exit_signal
+        self.pace = pace
         self.sent = 0
         self.flood_started = asyncio.Event()
         self.flood_done = asyncio.Event()
@@ -51,28 +57,46 @@ class FakeKeeper:
         writer.write(kp.frame(kp.BACKLOG, b"") + kp.frame(kp.STATE, json.dumps(
             {"cols": 80, "rows": 24}).encode()))
         await self._go.wait()
-        line = (b"x" * 99 + b"\n") * (CHUNK // 100)
         self.flood_started.set()
+        n = 0
         while self.sent < FLOOD:
-            writer.write(kp.frame(kp.OUTPUT, line))
-            self.sent += len(line)
+            lines = []
+            for _ in range(CHUNK // 80):
+                n += 1
+                lines.append(b"\x1b[1mline %08d\x1b[0m " % n + b"x" * 50 + b"\r\n")
+            data = b"".join(lines)
+            writer.write(kp.frame(kp.OUTPUT, data))
+            self.sent += len(data)
             await writer.drain()
+            if self.pace:
+                await asyncio.sleep(self.pace)
+        end = b"THE-END %d\r\n" % n
+        writer.write(kp.frame(kp.OUTPUT, end))
+        self.sent += len(end)
         self.flood_done.set()
+        await writer.drain()
+        await asyncio.sleep(0.3)
         writer.write(kp.frame(kp.EXIT, json.dumps(
             {"status": 128 + (self.exit_signal or 0), "signal": self.exit_signal}).encode()))
         await writer.drain()
         writer.close()
 
 
-async def _read_all(client: SessionClient) -> int:
+async def _read_all(client: SessionClient, delay: float = 0.0,
+                    model: ScreenModel | None = None) -> int:
     got = 0
     while data := await client.read():
         got += len(data)
+        if model is not None:
+            model.feed(data)
+        if delay:
+            await asyncio.sleep(delay)
     return got
 
 
 @pytest.mark.timeout(120)
-def test_stalled_client_dropped_fast_client_paced_and_complete(tmp_path: Path) -> None:
+def test_fast_client_gets_every_byte_lagging_one_skips_to_the_same_screen(
+        tmp_path: Path) -> None:
     async def go() -> None:
         k = FakeKeeper(str(tmp_path / "k.sock"), exit_signal=9)
         await k.start()
@@ -80,24 +104,32 @@ def test_stalled_client_dropped_fast_client_paced_and_complete(tmp_path: Path) -
         await hub.connect()
         try:
             fast = hub.attach("alice", "collaborator")
-            stalled = hub.attach("carol", "viewer")   # never reads
-            reader = asyncio.get_running_loop().create_task(_read_all(fast))
+            slow = hub.attach("bob", "viewer")
+            slow_view = ScreenModel(80, 24)
+            slow_view.feed(slow.snapshot)
+            loop = asyncio.get_running_loop()
+            fast_reader = loop.create_task(_read_all(fast))
+            # ~1.3 MB/s: paced to it, the flood would take about 20 s
+            slow_reader = loop.create_task(_read_all(slow, 0.2, slow_view))
             k.flood()
             await k.flood_started.wait()
             t0 = time.monotonic()
             await asyncio.wait_for(k.flood_done.wait(), 60)
             flood_s = time.monotonic() - t0
-            got = await asyncio.wait_for(reader, 30)
-            # the reading client got every byte and was not dropped
-            assert got == k.sent >= FLOOD
-            assert fast.dropped_reason == "session ended"
-            # the stalled one was dropped as slow, its queue never past the bound
-            assert stalled.closed
-            assert stalled.dropped_reason == "slow"
-            # and it held the flood back once, for about PACE_STALL (it took
-            # nothing at all), not PACE_GRACE (the allowance of a slow reader)
-            assert flood_s < sess.PACE_GRACE + 10
-            assert 0 < hub.paced_for < sess.PACE_GRACE
+            got_fast = await asyncio.wait_for(fast_reader, 30)
+            got_slow = await asyncio.wait_for(slow_reader, 30)
+            # the client that keeps up got every byte, raw, and was never skipped
+            assert got_fast == k.sent >= FLOOD
+            assert fast.skips == 0
+            # the lagging one did not hold the flood back (paced to its reader,
+            # the flood would have taken ~20 s) and got a fraction of it
+            assert flood_s < 10, flood_s
+            assert slow.skips >= 1
+            assert got_slow < k.sent // 4
+            # and its terminal, fed only what it was sent, shows the hub's screen
+            assert slow_view.text() == hub.screen.text()
+            assert any("THE-END" in line for line in slow_view.text())
+            assert fast.dropped_reason == slow.dropped_reason == "session ended"
             # the session's end carries the signal for SSH's exit-signal
             assert hub.exit_signal == 9
             assert hub.exit_status == 137
@@ -109,35 +141,37 @@ def test_stalled_client_dropped_fast_client_paced_and_complete(tmp_path: Path) -
     asyncio.run(go())
 
 
-def test_slow_but_reading_client_paces_instead_of_drop(tmp_path: Path) -> None:
-    """A client reading well above (PACE_HIGH - PACE_LOW) / PACE_GRACE but
-    slower than the flood is never dropped: the flood waits for it."""
+@pytest.mark.timeout(120)
+def test_stalled_client_holds_a_bounded_queue_and_is_dropped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sess, "STALL_DROP", 1.0)
+
     async def go() -> None:
-        k = FakeKeeper(str(tmp_path / "k.sock"))
+        # ~3 s of flood, longer than STALL_DROP
+        k = FakeKeeper(str(tmp_path / "k.sock"), pace=3.0 / (FLOOD // CHUNK))
         await k.start()
         hub = SessionHub("demo", k.path)
         await hub.connect()
         try:
-            slow = hub.attach("alice", "collaborator")
+            stalled = hub.attach("carol", "viewer")   # never reads
+            reader = hub.attach("alice", "owner")
+            got = asyncio.get_running_loop().create_task(_read_all(reader))
             max_queued = 0
 
-            async def sip() -> int:
+            async def probe() -> None:
                 nonlocal max_queued
-                got = 0
-                while True:
-                    max_queued = max(max_queued, slow._queued)
-                    data = await slow.read()
-                    if not data:
-                        return got
-                    got += len(data)
-                    await asyncio.sleep(0.02)   # at most 256 KiB per 20 ms: ~12 MB/s
+                while not stalled.closed:
+                    max_queued = max(max_queued, stalled._queued)
+                    await asyncio.sleep(0.005)
 
-            reader = asyncio.get_running_loop().create_task(sip())
+            prober = asyncio.get_running_loop().create_task(probe())
             k.flood()
-            got = await asyncio.wait_for(reader, 90)
-            assert got == k.sent >= FLOOD
-            assert slow.dropped_reason == "session ended"
-            assert max_queued <= sess.CLIENT_QUEUE_BYTES
+            await asyncio.wait_for(k.flood_done.wait(), 60)
+            assert await asyncio.wait_for(got, 30) == k.sent
+            await asyncio.wait_for(prober, 5)
+            assert stalled.dropped_reason == "slow"
+            assert 0 < max_queued <= QUEUE_BOUND
+            assert reader.skips == 0
         finally:
             await hub.close()
             assert k.server is not None

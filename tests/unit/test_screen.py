@@ -11,6 +11,7 @@ import logging
 import random
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -471,3 +472,19 @@ def test_half_overwritten_wide_character_keeps_columns(overwrite: bytes) -> None
         assert tb.cell(0, x) == ta.cell(0, x), x
     assert [tb.cell(0, x).text for x in range(4)].count("y") == 1
     assert tb.cell(0, 0).text == "日"
+
+
+def test_utf8_c1_controls_in_insert_mode_do_not_crash_libvterm() -> None:
+    """libvterm 0.1.4 segfaults on U+0080..U+009F then a character in insert
+    mode; a session could print that and kill the daemon. Run in a child so a
+    regression fails this test instead of killing the test run."""
+    code = (
+        "from supervisor.screen import ScreenModel\n"
+        "m = ScreenModel(80, 24, backend='vterm')\n"
+        "m.feed(b'\\x1b[4h\\xc2\\x9bx\\xc2\\x80y\\xc2')\n"
+        "m.feed(b'\\x90z ok')\n"
+        "print(m.text()[0])\n")
+    cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        cwd=str(Path(__file__).resolve().parents[2]), timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.split() == ["xyz", "ok"]
