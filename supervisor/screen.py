@@ -6,10 +6,14 @@ programs). The hub feeds every byte the session prints into a terminal
 emulator and, when a client needs it, renders that screen back as a compact
 ANSI repaint.
 
-The emulator is libvterm (supervisor/vterm.py): it parses in C, as the bytes
-are fed, at tens of MB/s, and keeps the alternate screen that vi and top draw
-on. A repaint reads the screen back run by run (cells that share attributes),
-not cell by cell, so it costs a few ctypes calls per row.
+The emulator is libvterm (supervisor/vterm.py): it parses in C, 10-16 MB/s at
+80x24 (most of it moving the screen up a line at a time), and keeps the
+alternate screen that vi and top draw on. Output is parsed in pieces of up to
+PARSE_AT bytes, and when the screen is looked at, so the head of a flood of
+text that scrolls away unseen can be skipped exactly (supervisor.screen_flood);
+a plain flood then costs a few percent of a full parse. A repaint reads the
+screen back run by run (cells that share attributes), not cell by cell, so it
+costs a few ctypes calls per row.
 
 If libvterm is missing, the model falls back to pyte (pure Python, about 165
 KB/s here, and no alternate screen) with one warning. pyte output is queued
@@ -41,6 +45,9 @@ BACKENDS = ("vterm", "pyte")
 #: pyte fallback: beyond this much unparsed output, only the newest TAIL bytes are parsed.
 FLOOD_AT = 64 * 1024
 TAIL = 16 * 1024
+#: libvterm: output waits until this much is fed (or the screen is looked at,
+#: or the hub's quiet timer asks), so a flood's head is cut in large pieces.
+PARSE_AT = 256 * 1024
 
 RESET = b"\x1b[0m"
 
@@ -85,11 +92,11 @@ class ScreenModel:
 
     @property
     def pending(self) -> int:
-        """Bytes fed but not parsed yet (always 0 with libvterm)."""
+        """Bytes fed but not parsed yet."""
         return self._impl.pending
 
     def parse_some(self, limit: int) -> bool:
-        """Parse up to `limit` queued bytes; True if more wait (never with libvterm)."""
+        """Parse up to `limit` queued bytes (libvterm: all of them); True if more wait."""
         return self._impl.parse_some(limit)
 
     def resize(self, cols: int, rows: int) -> None:
@@ -176,23 +183,40 @@ _NOT_NARROW = re.compile("[^\x20-\x7e\xa0-\u02ff\u0370-\u0482\u048a-\u04ff\u2010
 
 class VTermScreen:
     backend = "vterm"
-    pending = 0
 
     def __init__(self, cols: int, rows: int) -> None:
-        self.term = vterm.VTerm(cols, rows)
+        self._term = vterm.VTerm(cols, rows)
         self.flood = FloodCutter()
+        self._pending: list[bytes] = []
+        self.pending = 0
         # raw cell attributes (VTerm.run) -> SGR; bounded, truecolor has many
         self._sgr: dict[bytes, bytes] = {}
 
     @property
+    def term(self) -> vterm.VTerm:
+        """The terminal, with everything fed so far parsed."""
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            self.pending = 0
+            # The head of a flood that scrolls away unseen is not parsed.
+            self._term.write(self.flood.cut(data, self._term.size[1]))
+        return self._term
+
+    @property
     def size(self) -> tuple[int, int]:
-        return self.term.size
+        return self._term.size
 
     def feed(self, data: bytes) -> None:
-        # The head of a flood that scrolls away unseen is not parsed.
-        self.term.write(self.flood.cut(data, self.term.size[1]))
+        # Parsed in pieces of PARSE_AT, or when the screen is looked at, so
+        # the flood cut sees many small reads as one.
+        self._pending.append(data)
+        self.pending += len(data)
+        if self.pending >= PARSE_AT:
+            _ = self.term
 
     def parse_some(self, limit: int) -> bool:
+        _ = self.term
         return False
 
     def resize(self, cols: int, rows: int) -> None:

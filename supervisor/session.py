@@ -41,11 +41,14 @@ log = logging.getLogger(__name__)
 
 #: Output queued for one client beyond which it has fallen behind (skip mode).
 #: At least one keeper frame (256 KiB) always fits in an empty queue.
-SKIP_AT = 128 * 1024
+SKIP_AT = 64 * 1024
 #: How often lagging clients are repainted (tmux: 100 ms); stretched to
 #: REPAINT_COST times the last render's duration when rendering is slow.
 REPAINT_EVERY = 0.1
 REPAINT_COST = 5
+#: Once output has stopped for this long, lagging clients are repainted without
+#: waiting for the tick, so the end of a flood shows at once.
+REPAINT_QUIET = 0.02
 #: A lagging client that has taken nothing for this long has stopped reading.
 STALL_DROP = 30.0
 #: One read() hands back at most this much, so a reader's own buffers stay bounded.
@@ -163,6 +166,8 @@ class SessionClient:
                 return False
             self._event.clear()
             self.waiting = True
+            if self.lagging:
+                self.hub._lagging_waits()
             try:
                 await self._event.wait()
             finally:
@@ -229,6 +234,7 @@ class SessionHub:
         #: the current screen's repaint, while no output or resize changed it
         self._render: bytes | None = None
         self._repaint_timer: asyncio.TimerHandle | None = None
+        self._quiet_timer: asyncio.Handle | None = None
         #: repaints rendered for lagging clients (one per tick, shared)
         self.repaints = 0
         self._last_output = 0.0
@@ -300,9 +306,10 @@ class SessionHub:
             if self._parse_timer is not None:
                 self._parse_timer.cancel()
                 self._parse_timer = None
-            if self._repaint_timer is not None:
-                self._repaint_timer.cancel()
-                self._repaint_timer = None
+            for timer in (self._repaint_timer, self._quiet_timer):
+                if timer is not None:
+                    timer.cancel()
+            self._repaint_timer = self._quiet_timer = None
             for c in list(self.clients):
                 if c.lagging:   # it still gets the screen the session ended with
                     c._give_repaint(self.render())
@@ -353,9 +360,18 @@ class SessionHub:
                 REPAINT_EVERY, self._repaint_tick)
 
     def _repaint_tick(self) -> None:
-        """Repaint every lagging client whose reader is waiting (it has caught
-        up with what it was sent); the others wait for a later tick."""
+        """The shared tick: repaint the lagging clients that are ready; the
+        others wait for a later tick."""
         self._repaint_timer = None
+        cost, behind = self._repaint_ready()
+        if behind and not self.ended:
+            self._repaint_timer = asyncio.get_running_loop().call_later(
+                max(REPAINT_EVERY, REPAINT_COST * cost), self._repaint_tick)
+
+    def _repaint_ready(self) -> tuple[float, bool]:
+        """Repaint every lagging client whose reader is waiting (it has caught
+        up with what it was sent), with one render. The render's cost in
+        seconds, and whether lagging clients that are not ready remain."""
         lagging = [c for c in self.clients if c.lagging]
         ready = [c for c in lagging if c.waiting]
         cost = 0.0
@@ -368,9 +384,25 @@ class SessionHub:
                 self.repaints += 1
             for c in ready:
                 c._give_repaint(screen)
-        if len(ready) < len(lagging) and not self.ended:
-            self._repaint_timer = asyncio.get_running_loop().call_later(
-                max(REPAINT_EVERY, REPAINT_COST * cost), self._repaint_tick)
+        return cost, len(ready) < len(lagging)
+
+    def _quiet(self) -> bool:
+        return asyncio.get_running_loop().time() - self._last_output >= REPAINT_QUIET
+
+    def _lagging_waits(self) -> None:
+        """A lagging client is ready; with output stopped, repaint it now."""
+        if self._quiet_timer is None and not self.ended:
+            self._quiet_timer = asyncio.get_running_loop().call_soon(self._quiet_check)
+
+    def _quiet_check(self) -> None:
+        self._quiet_timer = None
+        if self.ended:
+            return
+        if self._quiet():
+            self._repaint_ready()
+        elif any(c.lagging for c in self.clients):
+            self._quiet_timer = asyncio.get_running_loop().call_at(
+                self._last_output + REPAINT_QUIET, self._quiet_check)
 
     def _send(self, data: bytes) -> None:
         if self._writer is not None and not self._writer.is_closing():

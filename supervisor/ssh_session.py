@@ -67,7 +67,7 @@ WRITE_LOW = 128 * 1024
 #: from the hub, polling every FLIGHT_POLL. So a client that falls behind lags
 #: in the hub, where it is skipped ahead with a repaint (supervisor.session),
 #: instead of chewing through megabytes of stale output in its own buffers.
-FLIGHT_MAX = 256 * 1024
+FLIGHT_MAX = 128 * 1024
 FLIGHT_POLL = 0.01
 FLIGHT_PATIENCE = 0.1
 
