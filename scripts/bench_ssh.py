@@ -12,7 +12,11 @@ tmux, in the same run.
 2. Session output throughput to 1 and 5 attached clients: the session prints
    a fixed amount of output; time until every client has read all of it,
    corral (clients: `ssh -tt`) vs tmux (clients: `tmux attach`), each client
-   on its own pty (target ≥ tmux's).
+   on its own pty (target ≥ tmux's). The agent gets every CPU (tmux's shell
+   is not under a quota either). The command is typed by one more client
+   (corral: an `ssh -tt` fed through stdin; tmux: `send-keys`), which is gone
+   before the output starts: the command sleeps LEAD seconds first, which
+   are not counted.
 
 Run as root: `sudo .venv/bin/python scripts/bench_ssh.py [--runs 30] [--mbytes 20]`.
 Everything it creates (daemon, agent, sshd, tmux server, temp dirs) is removed
@@ -33,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,6 +47,9 @@ sys.path.insert(0, str(REPO))
 
 from tests.e2e.conftest import Daemon, _hard_cleanup, free_port, make_daemon  # noqa: E402
 
+#: The timed command sleeps this long first (subtracted from its time), so the
+#: client that typed it is gone before its output starts (see _corral_fanout).
+LEAD = 0.5
 SSH_OPTS = ["-F", "/dev/null", "-o", "StrictHostKeyChecking=no", "-o",
             "UserKnownHostsFile=/dev/null", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
             "-o", "LogLevel=ERROR"]
@@ -172,7 +180,10 @@ def main() -> int:
         d.start()
         proj = tmp / "project"
         proj.mkdir()
-        d.create("bench", "--template", "default", "--project", str(proj))
+        # The agent may use every CPU, as tmux's shell can: the default
+        # template's 1-CPU quota would slow the flooding command itself.
+        d.create("bench", "--template", "default", "--project", str(proj),
+                 "--set", f"resources.cpus={os.cpu_count()}")
         d.wait_state("bench", ("running",))
         key = tmp / "key"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
@@ -284,7 +295,9 @@ def _timed(fn: Callable[[], tuple[float, int]]) -> Result:
 
 
 def _corral_fanout(ssh_client: list[str], n: int, mbytes: int, tag: str) -> Result:
-    # corral: the command is typed through one more collaborator's stdin
+    # corral: the command is typed through one more collaborator's stdin. That
+    # client leaves during the command's LEAD sleep, as tmux's send-keys does,
+    # so only the n measured clients are attached while the output flows.
     feeder = subprocess.Popen(ssh_client, stdin=subprocess.PIPE,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert feeder.stdin is not None
@@ -293,6 +306,8 @@ def _corral_fanout(ssh_client: list[str], n: int, mbytes: int, tag: str) -> Resu
     def send(text: str) -> None:
         fin.write(text.encode())
         fin.flush()
+        if text == "\r":
+            threading.Timer(LEAD / 2, feeder.kill).start()
 
     try:
         return _timed(lambda: _fanout_with([ssh_client] * n, send, mbytes, tag))
@@ -366,8 +381,8 @@ def _fanout_with(clients_argv: list[list[str]], send: Callable[[str], None], mby
         for c in clients:
             c.drain(b"\x00never", time.monotonic() + 0.5)
         marker = f"END{tag}{os.getpid()}"
-        cmd = (f"head -c {mbytes * 1024 * 1024} /dev/zero | tr '\\0' 'x' | fold -w 100; "
-               f"echo END''{tag}{os.getpid()}")
+        cmd = (f"sleep {LEAD}; head -c {mbytes * 1024 * 1024} /dev/zero | tr '\\0' 'x' "
+               f"| fold -w 100; echo END''{tag}{os.getpid()}")
         greps = [subprocess.Popen(["grep", "-abo", "-m1", "-F", marker], stdin=c.fd,
                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
                  for c in clients]
@@ -385,7 +400,7 @@ def _fanout_with(clients_argv: list[list[str]], send: Callable[[str], None], mby
                 # EOF/EIO before the marker: the server dropped the client.
                 raise RuntimeError(f"{tag}: a client was disconnected")
             counts.append(int(out.split(b":", 1)[0]))
-        return time.perf_counter() - t, min(counts)
+        return time.perf_counter() - t - LEAD, min(counts)
     finally:
         for g in greps:
             if g.poll() is None:

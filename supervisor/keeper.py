@@ -65,6 +65,11 @@ READ_BATCH = 256 * 1024
 FLOW_GAP = 0.005
 HOLD = 0.002
 HOLD_BYTES = 64 * 1024
+#: While output flows, the PTY rests this long after each read: the kernel
+#: moves a writer's output into the PTY's 4 KiB read buffer from a worker, so an
+#: eager reader gets ~1 KiB per read (a wakeup and a syscall each, for it and
+#: the writer); after a short rest a read takes a full buffer, as tmux's do.
+FLOW_REST = 0.0005
 #: Keystrokes buffered for a PTY that is not reading (agent busy).
 INPUT_BACKLOG = 1024 * 1024
 
@@ -144,6 +149,8 @@ class Keeper:
         self.size = (80, 24)
         self.pty_open = True
         self.pty_paused = False
+        #: the PTY is not read until then (FLOW_REST); 0: not resting
+        self._rest_until = 0.0
         self._pty_mask = 0
         self._held: list[bytes] = []
         self._held_size = 0
@@ -162,6 +169,8 @@ class Keeper:
             timeout = 0.5 if self.pty_paused else 5.0
             if self._held:
                 timeout = max(0.0, self._held_until - time.monotonic())
+            if self._rest_until:
+                timeout = min(timeout, max(0.0, self._rest_until - time.monotonic()))
             for key, events in self.sel.select(timeout=timeout):
                 tag = key.data
                 if tag == "pty":
@@ -176,6 +185,9 @@ class Keeper:
                     self._reap()
                 elif isinstance(tag, Client):
                     self._client_event(tag, events)
+            if self._rest_until and time.monotonic() >= self._rest_until:
+                self._rest_until = 0.0
+                self._update_pty_interest()
             if self._held and (time.monotonic() >= self._held_until or not self.pty_open):
                 self._send_held()
             self._pace()
@@ -221,6 +233,9 @@ class Keeper:
             now = time.monotonic()
             flowing = now - self._last_read < FLOW_GAP
             self._last_read = now
+            if flowing and open_ and FLOW_REST:
+                self._rest_until = now + FLOW_REST
+                self._update_pty_interest()
             if not self._held:
                 self._held_until = now + HOLD
             self._held += chunks
@@ -251,7 +266,8 @@ class Keeper:
         self._update_pty_interest()
 
     def _update_pty_interest(self) -> None:
-        mask = ((selectors.EVENT_READ if self.pty_open and not self.pty_paused else 0)
+        mask = ((selectors.EVENT_READ
+                 if self.pty_open and not self.pty_paused and not self._rest_until else 0)
                 | (selectors.EVENT_WRITE if self.pty_in and self.pty_open else 0))
         if mask == self._pty_mask:
             return
