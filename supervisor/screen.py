@@ -48,6 +48,8 @@ TAIL = 16 * 1024
 #: libvterm: output waits until this much is fed (or the screen is looked at,
 #: or the hub's quiet timer asks), so a flood's head is cut in large pieces.
 PARSE_AT = 256 * 1024
+#: ... or this many pieces wait (tiny feeds cost more as objects than as bytes).
+PARSE_PIECES = 64
 
 RESET = b"\x1b[0m"
 
@@ -212,7 +214,7 @@ class VTermScreen:
         # the flood cut sees many small reads as one.
         self._pending.append(data)
         self.pending += len(data)
-        if self.pending >= PARSE_AT:
+        if self.pending >= PARSE_AT or len(self._pending) >= PARSE_PIECES:
             _ = self.term
 
     def parse_some(self, limit: int) -> bool:
