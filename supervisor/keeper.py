@@ -151,6 +151,8 @@ class Keeper:
         self.pty_paused = False
         #: the PTY is not read until then (FLOW_REST); 0: not resting
         self._rest_until = 0.0
+        #: bytes the last _read_pty read
+        self._read_size = 0
         self._pty_mask = 0
         self._held: list[bytes] = []
         self._held_size = 0
@@ -193,7 +195,9 @@ class Keeper:
             self._pace()
             if self.exit_status is not None:
                 # Drain what the session printed last, then tell everyone.
-                while self.pty_open and self._read_pty():
+                # (until it is empty: a process that outlived the session may
+                # keep the PTY open without printing)
+                while self.pty_open and self._read_pty() and self._read_size:
                     pass
                 self._send_held()
                 self._finish()
@@ -229,6 +233,7 @@ class Keeper:
                 break
             chunks.append(data)
             size += len(data)
+        self._read_size = size
         if chunks:
             now = time.monotonic()
             flowing = now - self._last_read < FLOW_GAP

@@ -41,8 +41,14 @@ _COMPLETE = re.compile(
     rb"\x1b(?:\[[\x30-\x3f]*[\x20-\x2f]*[\x40-\x7e]"
     rb"|[\]PX^_][^\x07\x1b]*\x07|[\x20-\x2f]*[\x30-\x4f\x51-\x57\x59\x5a\x5c\x60-\x7e])"
     rb"[^\x1b]*\Z")
-# What sets or clears a scroll region or left/right margins.
-_REGION = re.compile(rb"\x1b\[([0-9;]*)r|\x1b\[\?69([hl])|\x1bc|\x1b\[!p")
+# What sets or clears a scroll region (DECSTBM), left/right margin mode
+# (DECLRMM, also among other private modes), or both (RIS). DECSTR is not
+# here: libvterm's soft reset keeps the region.
+_REGION = re.compile(
+    rb"\x1b\[([0-9;]*)r|\x1b\[\?(?:[0-9;]*;)?69(?:;[0-9;]*)?([hl])|\x1bc")
+#: An escape sequence still open at a piece's end is kept (at most this much)
+#: and scanned with the next piece, so a region set across two is seen.
+TAIL_KEEP = 64
 
 
 def _utf8_complete(data: bytes) -> bool:
@@ -79,9 +85,17 @@ class FloodCutter:
 
     def __init__(self) -> None:
         self.clean = True
-        self.region = False
+        self.stbm = False
+        self.lrmm = False
+        #: the open escape sequence at the end of the last piece (TAIL_KEEP)
+        self._tail = b""
         #: bytes not parsed thanks to cuts (for tests and benchmarks)
         self.skipped = 0
+
+    @property
+    def region(self) -> bool:
+        """May a scroll region or left/right margins be set?"""
+        return self.stbm or self.lrmm
 
     def cut(self, data: bytes, rows: int) -> bytes:
         """What to parse instead of `data`: the same, or a replay of its pen
@@ -107,25 +121,35 @@ class FloodCutter:
             if at < 0:
                 return data
             at += 1
+        # libvterm keeps a half-decoded UTF-8 character across C0 controls:
+        # the head must end on a character boundary.
+        if not _utf8_complete(data[:at - 1]):
+            return data
         cut = at + 1
         # The pen at the cut: the head's SGRs from its last plain reset on.
         reset = max(0, data.rfind(b"\x1b[0m", 0, cut), data.rfind(b"\x1b[m", 0, cut))
         pen = b"".join(_SGR.findall(data, reset, cut))
-        self.skipped += cut - len(pen)
-        return pen + data[cut:]
+        self.skipped += cut - len(pen) - 1
+        # CR: the cut stream's cursor is where the previous piece left it,
+        # maybe mid-line; the full stream's is in column 0 after the CR LF.
+        return b"\r" + pen + data[cut:]
 
     def _track(self, data: bytes, rows: int) -> None:
-        esc = data.rfind(b"\x1b")
+        scan = self._tail + data if self._tail else data
+        esc = scan.rfind(b"\x1b")
         if esc < 0:
             self.clean = self.clean and _utf8_complete(data)
             return
-        self.clean = bool(_COMPLETE.match(data, esc)) and _utf8_complete(data)
-        for m in _REGION.finditer(data):
+        self.clean = bool(_COMPLETE.match(scan, esc)) and _utf8_complete(data)
+        self._tail = b"" if self.clean else scan[esc:]
+        if len(self._tail) > TAIL_KEEP:
+            # Too long to be a region being set, but it might hide one: assume so.
+            self._tail, self.stbm = b"", True
+        for m in _REGION.finditer(scan):
             if m.group(2) is not None:
-                self.region = m.group(2) == b"h"
+                self.lrmm = m.group(2) == b"h"
             elif m.group(1) is not None:
-                params = m.group(1)
-                self.region = params not in (b"", b";", b"1", b"0", b"1;%d" % rows,
-                                             b";%d" % rows, b"0;%d" % rows)
+                self.stbm = m.group(1) not in (b"", b";", b"1", b"0", b"1;%d" % rows,
+                                               b";%d" % rows, b"0;%d" % rows)
             else:
-                self.region = False
+                self.stbm = self.lrmm = False

@@ -7,16 +7,19 @@ client (local `corral attach`, SSH).
 Fan-out is tmux's skip-and-repaint: the hub reads the keeper as fast as the
 agent prints and feeds every byte to the screen model, and a client never
 holds the agent or the other clients back. A client that keeps up gets the raw
-output. One that falls behind (more than SKIP_AT bytes queued here, because its
-reader is waiting for the client's side to catch up) has its queue discarded
-and stops receiving output; once it is waiting for more, it gets one repaint
-of the current screen and raw output again from there. Repaints happen on a
-shared tick (REPAINT_EVERY, longer if rendering is slow), so a flood costs one
-render per tick however many clients lag. Like tmux, a client that lagged has
+output. One that falls behind (it still holds more than SKIP_AT bytes of what
+it had been given one keeper read ago, because its reader is waiting for the
+client's side to catch up) has its queue discarded and stops receiving
+output; once it is waiting for more, it gets one repaint of the current screen
+and raw output again from there. Repaints happen on a shared tick
+(REPAINT_EVERY, longer if rendering is slow), so a flood costs one render per
+tick however many clients lag, or as soon as output has been quiet for
+REPAINT_QUIET. Like tmux, a client that lagged has
 the current screen but not every intermediate line in its own terminal's
 scrollback; the session log keeps all of it. Memory per client is bounded by
-SKIP_AT (plus one frame); a client that takes nothing at all for STALL_DROP
-seconds while it lags has stopped reading and is dropped.
+SKIP_AT plus one keeper read (SOCKET_READ, and the output is shared between
+clients); a client that takes nothing at all for STALL_DROP seconds while it
+lags has stopped reading and is dropped.
 
 Window size policy: the most recent writer's size wins. A client's size is
 applied when it resizes or types; viewers never change it. Sizes are clamped to
@@ -78,6 +81,8 @@ class SessionClient:
         self.snapshot = b""
         self._chunks: deque[bytes] = deque()
         self._queued = 0
+        #: bytes queued at the last _check_behind and not taken since
+        self._stale = 0
         self._event = asyncio.Event()
         self.closed = False
         self.dropped_reason = ""
@@ -111,13 +116,17 @@ class SessionClient:
 
     def _check_behind(self) -> None:
         """Before the hub reads more output: has this client fallen behind?
-        (Checked per keeper read, not per frame, so one read's several frames
-        never count against a client that takes everything it is given.)"""
-        if self._queued > SKIP_AT and not self.lagging:
+        Behind means it still holds more than SKIP_AT of what it had been
+        given by the previous check: it had a whole keeper read's time to take
+        it. (So one read's several frames, up to SOCKET_READ, never count
+        against a client that takes everything it is given.)"""
+        stale, self._stale = self._stale, self._queued
+        if stale > SKIP_AT and not self.lagging:
             # What it has not taken yet is superseded by the repaint.
             self.skipped_bytes += self._queued
             self._chunks.clear()
             self._queued = 0
+            self._stale = 0
             self.lagging = True
             self.skips += 1
             self.hub._lagging(self)
@@ -133,7 +142,9 @@ class SessionClient:
             return b""
         if self._repaint is not None:
             data, self._repaint = self._repaint, None
-        elif self._queued <= READ_MAX:
+            self._taken(0)   # not from the queue
+            return data
+        if self._queued <= READ_MAX:
             data = b"".join(self._chunks)
             self._chunks.clear()
         else:
@@ -177,6 +188,7 @@ class SessionClient:
     def _taken(self, size: int) -> None:
         self.last_take = time.monotonic()
         self._queued -= size
+        self._stale = max(0, self._stale - size)   # the oldest bytes go first
 
     def _take(self, limit: int) -> bytes:
         parts: list[bytes] = []
@@ -256,6 +268,7 @@ class SessionHub:
     async def _pump(self, reader: asyncio.StreamReader) -> None:
         frames = kp.FrameReader()
         status: int | None = None
+        output: list[bytes] = []
         try:
             while True:
                 for c in list(self.clients):
@@ -266,7 +279,6 @@ class SessionHub:
                 # One read's output is parsed as one piece (a flood's head is
                 # then cut in one go: supervisor.screen_flood), before anything
                 # else that reads or resizes the screen.
-                output: list[bytes] = []
                 for kind, payload in frames.feed(data):
                     if kind == kp.OUTPUT:
                         output.append(payload)
@@ -301,6 +313,7 @@ class SessionHub:
         except (OSError, ValueError) as e:
             log.warning("[agent=%s] keeper connection broke: %s", self.agent, e)
         finally:
+            self._parse(output)   # what clients were sent, even if a frame broke
             self.ended = True
             self.exit_status = status
             if self._parse_timer is not None:
@@ -361,8 +374,12 @@ class SessionHub:
 
     def _repaint_tick(self) -> None:
         """The shared tick: repaint the lagging clients that are ready; the
-        others wait for a later tick."""
+        others wait for a later tick, unless they stopped reading (STALL_DROP)."""
         self._repaint_timer = None
+        now = time.monotonic()
+        for c in list(self.clients):
+            if c.lagging and not c.waiting and now - c.last_take > STALL_DROP:
+                self._detach(c, "slow")
         cost, behind = self._repaint_ready()
         if behind and not self.ended:
             self._repaint_timer = asyncio.get_running_loop().call_later(

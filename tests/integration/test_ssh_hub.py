@@ -34,13 +34,19 @@ class FakeKeeper:
     numbered lines as fast as the socket takes them (or `pace` seconds apart),
     then a last line naming the end, then EXIT."""
 
-    def __init__(self, path: str, exit_signal: int | None = None, pace: float = 0.0) -> None:
+    def __init__(self, path: str, exit_signal: int | None = None, pace: float = 0.0,
+                 total: int = FLOOD, linger: float = 0.3) -> None:
         self.path = path
         self.exit_signal = exit_signal
         self.pace = pace
+        self.total = total
+        self.linger = linger
         self.sent = 0
         self.flood_started = asyncio.Event()
         self.flood_done = asyncio.Event()
+        #: ends the linger before EXIT early; closed: the connection is closed
+        self.release = asyncio.Event()
+        self.closed = asyncio.Event()
         self._go = asyncio.Event()
         self.server: asyncio.Server | None = None
 
@@ -59,7 +65,7 @@ class FakeKeeper:
         await self._go.wait()
         self.flood_started.set()
         n = 0
-        while self.sent < FLOOD:
+        while self.sent < self.total:
             lines = []
             for _ in range(CHUNK // 80):
                 n += 1
@@ -75,11 +81,14 @@ class FakeKeeper:
         self.sent += len(end)
         self.flood_done.set()
         await writer.drain()
-        await asyncio.sleep(0.3)
-        writer.write(kp.frame(kp.EXIT, json.dumps(
-            {"status": 128 + (self.exit_signal or 0), "signal": self.exit_signal}).encode()))
-        await writer.drain()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.release.wait(), self.linger)
+        with contextlib.suppress(ConnectionError):
+            writer.write(kp.frame(kp.EXIT, json.dumps(
+                {"status": 128 + (self.exit_signal or 0), "signal": self.exit_signal}).encode()))
+            await writer.drain()
         writer.close()
+        self.closed.set()
 
 
 async def _read_all(client: SessionClient, delay: float = 0.0,
@@ -126,6 +135,7 @@ def test_fast_client_gets_every_byte_lagging_one_skips_to_the_same_screen(
             assert flood_s < 10, flood_s
             assert slow.skips >= 1
             assert got_slow < k.sent // 4
+            assert slow._queued == 0   # repaints never count against the queue
             # and its terminal, fed only what it was sent, shows the hub's screen
             assert slow_view.text() == hub.screen.text()
             assert any("THE-END" in line for line in slow_view.text())
@@ -206,5 +216,38 @@ def test_exit_without_signal(tmp_path: Path) -> None:
             server.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+    asyncio.run(go())
+
+
+@pytest.mark.timeout(60)
+def test_stalled_client_dropped_after_the_output_stopped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tick drops a lagging client that stopped reading even when no more
+    output comes to notice it with."""
+    monkeypatch.setattr(sess, "STALL_DROP", 0.5)
+
+    async def go() -> None:
+        k = FakeKeeper(str(tmp_path / "k.sock"), total=4 * 1024 * 1024, linger=30)
+        await k.start()
+        hub = SessionHub("demo", k.path)
+        await hub.connect()
+        try:
+            stalled = hub.attach("carol", "viewer")   # never reads
+            k.flood()
+            await asyncio.wait_for(k.flood_done.wait(), 30)
+            for _ in range(200):
+                if stalled.closed:
+                    break
+                await asyncio.sleep(0.05)
+            assert stalled.dropped_reason == "slow"
+            assert not hub.ended           # the session goes on: this was the tick
+            assert hub._repaint_timer is None   # and it stopped once nobody lagged
+        finally:
+            k.release.set()
+            await asyncio.wait_for(k.closed.wait(), 10)
+            await hub.close()
+            assert k.server is not None
+            k.server.close()
 
     asyncio.run(go())

@@ -41,6 +41,8 @@ def _feed(model: ScreenModel, data: bytes, rng: random.Random) -> None:
         n = rng.choice([1, 7, 4096, MIN_CUT, 3 * MIN_CUT, 200_000])
         model.feed(data[at:at + n])
         at += n
+        if rng.random() < 0.2:
+            model.text()   # a parse piece ends here, as at a repaint
 
 
 class _NoCut(FloodCutter):
@@ -83,9 +85,50 @@ def test_no_cut_inside_a_scroll_region_or_after_an_open_escape() -> None:
     assert not c.region
     c.cut(b"\x1b[?1049", 24)                 # a CSI still open at the chunk's end
     assert not c.clean
-    assert c.cut(lines, 24) == lines          # digits: still its parameters
     c.cut(b"h\x1b[0m", 24)
     assert c.clean
     assert len(c.cut(lines, 24)) < len(lines)   # the last chunk ended cleanly
+    c.cut(b"\x1b[?1049", 24)
+    assert c.cut(lines, 24) == lines          # digits: still the CSI's parameters
     c.cut("漢".encode()[:2], 24)              # half a UTF-8 character
     assert c.cut(lines, 24) == lines
+
+
+def _pieces_match(*pieces: bytes, rows: int = 24) -> ScreenModel:
+    """Feed each piece to a cutting and a full model, parsing in between (as
+    a repaint or a resize would); the screens must be the same."""
+    cut, full = ScreenModel(80, rows, backend="vterm"), ScreenModel(80, rows, backend="vterm")
+    full._impl.flood = _NoCut()   # type: ignore[union-attr]
+    for piece in pieces:
+        cut.feed(piece)
+        full.feed(piece)
+        cut.text()
+        full.text()
+    assert cut.text() == full.text()
+    assert cut.render() == full.render()
+    return cut
+
+
+FLOOD = (b"x" * 30 + b"\r\n") * 2000
+
+
+def test_cut_starts_in_column_0_whatever_the_last_piece_left() -> None:
+    m = _pieces_match(b"abc", FLOOD + b"y\n" * 60)
+    assert m._impl.flood.skipped > 0   # type: ignore[union-attr]
+    _pieces_match(b"abc", FLOOD + b"y\n" * 40 + b"\r\n" * 9)
+
+
+def test_no_cut_after_half_a_utf8_character() -> None:
+    _pieces_match(b"ok\r\n", FLOOD + b"\xe6\x97\r\n" + b"\xa5" + b"y\n" * 60)
+
+
+@pytest.mark.parametrize("pieces", [
+    [b"\x1b[2;10r\x1b[?69l\x1b[12;1H", b"ab\r\n" + FLOOD],     # DECLRMM off keeps DECSTBM
+    [b"\x1b[2;10r\x1b[!p\x1b[12;1H", b"ab\r\n" + FLOOD],       # DECSTR keeps it in libvterm
+    [b"ab\x1b[2;1", b"0r\x1b[12;1H", FLOOD],                   # set across two pieces
+    [b"ab\x1b[2", b";10r\x1b[12;1H", FLOOD],
+    [b"ab\x1b", b"[2;10r\x1b[12;1H", FLOOD],
+])
+def test_a_scroll_region_is_seen_however_it_arrives(pieces: list[bytes]) -> None:
+    m = _pieces_match(*pieces)
+    assert m._impl.flood.region   # type: ignore[union-attr]
