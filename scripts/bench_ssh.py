@@ -31,6 +31,7 @@ import os
 import platform
 import pty
 import select
+import shlex
 import shutil
 import signal
 import statistics
@@ -162,6 +163,10 @@ def main() -> int:
     ap.add_argument("--clients", default="1,5", help="comma-separated client counts")
     ap.add_argument("--fanout-runs", type=int, default=5,
                     help="fan-out runs per client count (corral and tmux interleaved)")
+    ap.add_argument("--tmux-cgroups", action="store_true",
+                    help="run tmux's server in nested cgroups like an agent's (cpu, cpuacct, "
+                         "memory, pids, freezer; cgroup v1), so both shells pay the same "
+                         "scheduling and accounting")
     ap.add_argument("--profile", type=Path, default=None,
                     help="py-spy the daemon and the keeper during corral's fan-out into DIR")
     args = ap.parse_args()
@@ -175,7 +180,9 @@ def main() -> int:
     out = [f"# SSH benchmark — {platform.node()}, {platform.platform()}, {os.cpu_count()} CPUs, "
            f"load {os.getloadavg()[0]:.1f}\n",
            f"Command: `sudo .venv/bin/python scripts/bench_ssh.py --runs {args.runs} "
-           f"--mbytes {args.mbytes} --fanout-runs {args.fanout_runs}`\n"]
+           f"--mbytes {args.mbytes} --fanout-runs {args.fanout_runs}"
+           f"{' --tmux-cgroups' if args.tmux_cgroups else ''}`\n"]
+    stack = contextlib.ExitStack()
     try:
         d.start()
         proj = tmp / "project"
@@ -199,8 +206,14 @@ def main() -> int:
                 "| MB read per client, corral / tmux | server CPU s, corral / tmux "
                 "| client CPU s, corral / tmux |",
                 "|---|---:|---:|---:|---:|---:|---:|"]
-        subprocess.run(["tmux", "-L", tmux_sock, "new-session", "-d", "-x", "120", "-y", "40",
-                        "bash --norc"], check=True)
+        tmux_server = ["tmux", "-L", tmux_sock, "new-session", "-d", "-x", "120", "-y", "40",
+                       "bash --norc"]
+        if args.tmux_cgroups:
+            # tmux's server (and so its shell) starts in agent-like cgroups
+            enter = "; ".join(f"echo $$ > {c}/cgroup.procs" for c in
+                              stack.enter_context(_agent_like_cgroups(f"corral-bench-{uniq}")))
+            tmux_server = ["bash", "-c", f"{enter}; exec {shlex.join(tmux_server)}"]
+        subprocess.run(tmux_server, check=True)
         ssh_client = ["ssh", "-tt", "-p", str(d.ssh_port), *SSH_OPTS, "-i", str(key),
                       "bench@127.0.0.1"]
         tmux_client = ["tmux", "-L", tmux_sock, "attach"]
@@ -230,6 +243,7 @@ def main() -> int:
             out.append(_fanout_row(n, corral, tmux, cpu))
     finally:
         subprocess.run(["tmux", "-L", tmux_sock, "kill-server"], capture_output=True)
+        stack.close()
         if d.proc is not None:
             with contextlib.suppress(Exception):
                 d.cli("rm", "--force", "bench", timeout=60)
@@ -242,6 +256,42 @@ def main() -> int:
     if not args.skip_login:
         (REPO / "docs" / "bench-ssh.md").write_text(text)
     return 0
+
+
+@contextlib.contextmanager
+def _agent_like_cgroups(name: str) -> Iterator[list[Path]]:
+    """NAME/agents/tmux beneath this process's own cgroup in each v1 controller
+    an agent's sandbox uses, with the default template's 1 GiB memory limit;
+    removed at the end (after tmux's server has gone)."""
+    own: dict[str, str] = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, ctrls, path = line.split(":", 2)
+        for c in ctrls.split(","):
+            own[c] = path
+    made: list[Path] = []
+    try:
+        for c in ("cpu", "cpuacct", "memory", "pids", "freezer"):
+            mnt = Path("/sys/fs/cgroup", c)
+            if c not in own or not mnt.is_dir():
+                continue
+            leaf = mnt / own[c].lstrip("/") / name / "agents" / "tmux"
+            for p in (leaf.parent.parent, leaf.parent, leaf):
+                if not p.exists():
+                    p.mkdir()
+                    made.append(p)
+            if c == "memory":
+                (leaf / "memory.limit_in_bytes").write_text(str(1 << 30))
+        if not made:
+            raise RuntimeError("--tmux-cgroups: no cgroup v1 controllers here")
+        yield [p for p in made if p.name == "tmux"]
+    finally:
+        for p in reversed(made):
+            for _ in range(50):
+                try:
+                    p.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)   # tmux's last processes are still exiting
 
 
 @contextlib.contextmanager
