@@ -107,7 +107,7 @@ class SessionClient:
             return
         if self.lagging:
             self.skipped_bytes += len(data)
-            if time.monotonic() - self.last_take > STALL_DROP:
+            if not self.waiting and time.monotonic() - self.last_take > STALL_DROP:
                 self.hub._detach(self, "slow")
             return
         self._chunks.append(data)
