@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import re
 
+from supervisor.vterm import C1
+
 #: Below this many bytes a chunk is parsed as it is: cutting would save little.
 MIN_CUT = 16 * 1024
 
 # Plain bytes (module doc); of the others, ESC is plain when it starts an SGR.
 _PLAIN_BYTES = bytes([0x09, 0x0A, 0x0D, *range(0x20, 0x7F), *range(0x80, 0x100)])
 _NOT_SGR = re.compile(rb"\x1b(?!\[[0-9;:]*m)")
-_C1 = re.compile(rb"\xc2[\x80-\x9f]")   # UTF-8-encoded C1 controls
 _SGR = re.compile(rb"\x1b\[[0-9;:]*m")
 # A chunk ends cleanly when its last escape sequence is complete: CSI, a string
 # (OSC, DCS, SOS, PM, APC) ended by BEL or ST, or a two-byte escape (whose
@@ -75,7 +76,7 @@ def _plain_end(data: bytes) -> int:
                 end = m.start()
         elif (i := data.find(b, 0, end)) >= 0:
             end = i
-    if b"\xc2" in data and (m := _C1.search(data, 0, end)):
+    if b"\xc2" in data and (m := C1.search(data, 0, end)):
         end = m.start()
     return end
 

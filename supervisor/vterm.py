@@ -89,7 +89,8 @@ def _truncate(params: bytes, seps: int) -> bytes:
     return params
 
 
-_C1 = re.compile(rb"\xc2[\x80-\x9f]")
+#: UTF-8-encoded C1 controls (U+0080..U+009F)
+C1 = re.compile(rb"\xc2[\x80-\x9f]")
 
 
 class C1Guard:
@@ -104,7 +105,7 @@ class C1Guard:
         if data[-1:] == b"\xc2":
             data, self._carry = data[:-1], b"\xc2"
         if b"\xc2" in data:
-            data = _C1.sub(b"", data)
+            data = C1.sub(b"", data)
         return data
 
 

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -50,8 +51,22 @@ class FakeKeeper:
         self._go = asyncio.Event()
         self.server: asyncio.Server | None = None
 
-    async def start(self) -> None:
+    @contextlib.asynccontextmanager
+    async def hub(self) -> AsyncIterator[SessionHub]:
+        """A hub connected to this keeper; hub, connection and server are
+        closed afterwards, also when the test fails."""
         self.server = await asyncio.start_unix_server(self._serve, self.path)
+        hub = SessionHub("demo", self.path)
+        try:
+            await hub.connect()
+            yield hub
+        finally:
+            self.release.set()
+            if self.flood_started.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.closed.wait(), 10)
+            await hub.close()
+            self.server.close()
 
     def flood(self) -> None:
         self._go.set()
@@ -108,10 +123,7 @@ def test_fast_client_gets_every_byte_lagging_one_skips_to_the_same_screen(
         tmp_path: Path) -> None:
     async def go() -> None:
         k = FakeKeeper(str(tmp_path / "k.sock"), exit_signal=9)
-        await k.start()
-        hub = SessionHub("demo", k.path)
-        await hub.connect()
-        try:
+        async with k.hub() as hub:
             fast = hub.attach("alice", "collaborator")
             slow = hub.attach("bob", "viewer")
             slow_view = ScreenModel(80, 24)
@@ -143,10 +155,6 @@ def test_fast_client_gets_every_byte_lagging_one_skips_to_the_same_screen(
             # the session's end carries the signal for SSH's exit-signal
             assert hub.exit_signal == 9
             assert hub.exit_status == 137
-        finally:
-            await hub.close()
-            assert k.server is not None
-            k.server.close()
 
     asyncio.run(go())
 
@@ -159,10 +167,7 @@ def test_stalled_client_holds_a_bounded_queue_and_is_dropped(
     async def go() -> None:
         # ~3 s of flood, longer than STALL_DROP
         k = FakeKeeper(str(tmp_path / "k.sock"), pace=3.0 / (FLOOD // CHUNK))
-        await k.start()
-        hub = SessionHub("demo", k.path)
-        await hub.connect()
-        try:
+        async with k.hub() as hub:
             stalled = hub.attach("carol", "viewer")   # never reads
             reader = hub.attach("alice", "owner")
             got = asyncio.get_running_loop().create_task(_read_all(reader))
@@ -182,10 +187,6 @@ def test_stalled_client_holds_a_bounded_queue_and_is_dropped(
             assert stalled.dropped_reason == "slow"
             assert 0 < max_queued <= QUEUE_BOUND
             assert reader.skips == 0
-        finally:
-            await hub.close()
-            assert k.server is not None
-            k.server.close()
 
     asyncio.run(go())
 
@@ -229,10 +230,7 @@ def test_stalled_client_dropped_after_the_output_stopped(
 
     async def go() -> None:
         k = FakeKeeper(str(tmp_path / "k.sock"), total=4 * 1024 * 1024, linger=30)
-        await k.start()
-        hub = SessionHub("demo", k.path)
-        await hub.connect()
-        try:
+        async with k.hub() as hub:
             stalled = hub.attach("carol", "viewer")   # never reads
             k.flood()
             await asyncio.wait_for(k.flood_done.wait(), 30)
@@ -243,11 +241,5 @@ def test_stalled_client_dropped_after_the_output_stopped(
             assert stalled.dropped_reason == "slow"
             assert not hub.ended           # the session goes on: this was the tick
             assert hub._repaint_timer is None   # and it stopped once nobody lagged
-        finally:
-            k.release.set()
-            await asyncio.wait_for(k.closed.wait(), 10)
-            await hub.close()
-            assert k.server is not None
-            k.server.close()
 
     asyncio.run(go())
