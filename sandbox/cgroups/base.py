@@ -33,6 +33,26 @@ _COMPONENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 KILL_TIMEOUT = 30.0
 
 
+def machine_cpus() -> int:
+    """The CPUs this process may run on (its affinity), at least 1."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def cpu_weight(cpus: float | None, per_cpu: int, lo: int, hi: int) -> int:
+    """The CPU weight of a cgroup allowed `cpus` CPUs (None: the whole machine).
+
+    Weight follows the CPU allowance, `per_cpu` per CPU, as Kubernetes derives
+    cpu.shares from a container's CPUs. Left at the default, a cgroup weighs
+    as much as one task of its parent: all the agents together, however many
+    processes they run, would get one task's share of a busy host (and a
+    flooding agent lost a tenth of its speed to the daemon and its SSH
+    clients; BENCHMARKS.md). Under contention agents now share CPU time in
+    proportion to their `cpus`, and corral's cgroups together weigh the
+    machine's CPUs."""
+    n = machine_cpus() if cpus is None else cpus
+    return max(lo, min(hi, round(n * per_cpu)))
+
+
 @dataclass(frozen=True)
 class Usage:
     """Resource usage of one cgroup (recursive, as the kernel accounts it)."""

@@ -37,6 +37,7 @@ from sandbox.cgroups.base import (
     CgroupDriver,
     Usage,
     check_rel,
+    cpu_weight,
     is_dir,
     join_cg,
     path_exists,
@@ -47,6 +48,7 @@ from sandbox.cgroups.base import (
     rmdir_retry,
     sigkill,
     walk_dirs,
+    write_text,
 )
 from sandbox.errors import CorralError, HostSetupError, KernelError, NotFound
 from sandbox.spec import Limits
@@ -58,6 +60,13 @@ REQUIRED = ("memory", "cpu", "pids", "freezer")
 OPTIONAL = ("cpuacct",)
 
 CPU_PERIOD = 100_000
+#: cpu.shares per CPU of allowance (the kernel's default for one cgroup), and its range.
+SHARES_PER_CPU, SHARES_MIN, SHARES_MAX = 1024, 2, 262144
+
+
+def shares(cpus: float | None) -> int:
+    """cpu.shares for a cgroup allowed `cpus` CPUs (None: the machine): base.cpu_weight."""
+    return cpu_weight(cpus, SHARES_PER_CPU, SHARES_MIN, SHARES_MAX)
 
 #: v1 reports "unlimited" as a huge page-aligned number rather than -1.
 _UNLIMITED_FLOOR = 1 << 62
@@ -85,6 +94,7 @@ def plan_limits(limits: Limits, has_memsw: bool) -> list[tuple[str, str, str]]:
     quota = -1 if limits.cpus is None else max(1000, round(limits.cpus * CPU_PERIOD))
     ops.append(("cpu", "cpu.cfs_period_us", str(CPU_PERIOD)))
     ops.append(("cpu", "cpu.cfs_quota_us", str(quota)))
+    ops.append(("cpu", "cpu.shares", str(shares(limits.cpus))))
     ops.append(("pids", "pids.max", "max" if limits.pids is None else str(int(limits.pids))))
     return ops
 
@@ -152,7 +162,17 @@ class V1Driver(CgroupDriver):
         for ctrl, fname, value in ops:
             if ctrl != "memory":
                 self._set(ctls[ctrl], fname, value)
+        self._weigh_ancestors(rel)
         log.debug("cgroup v1 %s prepared with %s", rel, limits)
+
+    def _weigh_ancestors(self, rel: str) -> None:
+        """Our cgroups above `rel`, from the base down, weigh the whole machine
+        (base.cpu_weight); our own cgroup and those above it are not ours to set."""
+        parts = [*self.parent_parts, *check_rel(rel)[:-1]]
+        value = str(shares(None))
+        for i in range(1, len(parts) + 1):
+            write_text(pjoin(self.mounts["cpu"] + join_cg(self.own_cg["cpu"], *parts[:i]),
+                             "cpu.shares"), value)
 
     def _set(self, ctl: Any, fname: str, value: str) -> None:
         try:

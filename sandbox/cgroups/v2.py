@@ -27,6 +27,7 @@ from sandbox.cgroups.base import (
     CgroupDriver,
     Usage,
     check_rel,
+    cpu_weight,
     is_dir,
     join_cg,
     mkdirs,
@@ -51,6 +52,13 @@ NEEDED = ("memory", "cpu", "pids")
 
 #: cpu.max period (µs): the kernel default, and what the v1 driver uses too.
 CPU_PERIOD = 100_000
+#: cpu.weight per CPU of allowance (the kernel's default for one cgroup), and its range.
+WEIGHT_PER_CPU, WEIGHT_MIN, WEIGHT_MAX = 100, 1, 10000
+
+
+def weight(cpus: float | None) -> int:
+    """cpu.weight for a cgroup allowed `cpus` CPUs (None: the machine): base.cpu_weight."""
+    return cpu_weight(cpus, WEIGHT_PER_CPU, WEIGHT_MIN, WEIGHT_MAX)
 
 
 def plan_limits(limits: Limits) -> list[tuple[str, str]]:
@@ -64,7 +72,7 @@ def plan_limits(limits: Limits) -> list[tuple[str, str]]:
         cpu = f"{max(1000, round(limits.cpus * CPU_PERIOD))} {CPU_PERIOD}"
     pids = "max" if limits.pids is None else str(int(limits.pids))
     return [("memory.max", mem), ("memory.swap.max", swap), ("cpu.max", cpu),
-            ("pids.max", pids)]
+            ("cpu.weight", str(weight(limits.cpus))), ("pids.max", pids)]
 
 
 def _int_or_none(text: str) -> int | None:
@@ -158,6 +166,7 @@ class V2Driver(CgroupDriver):
                 hint="delegate them to corral (systemd: Delegate=yes) or use the v1 driver")
         parent_cg = cg.rsplit("/", 1)[0] or "/"
         self._enable_subtree(self.own, parent_cg)
+        self._weigh(self.base_cg, parent_cg)
         d = self._dir(cg)
         mkdirs(d)
         for fname, value in plan_limits(limits):
@@ -183,6 +192,19 @@ class V2Driver(CgroupDriver):
         mkdirs(leaf_dir)
         write_text(pjoin(leaf_dir, "cgroup.procs"), str(os.getpid()))
         self._enable_subtree(self.own, self.base_cg)
+        # the daemon serves every agent's SSH clients: it weighs as they do together
+        self._weigh(self.base_cg, join_cg(self.base_cg, leaf))
+
+    def _weigh(self, cg_from: str, cg_to: str) -> None:
+        """Every cgroup from `cg_from` down to `cg_to` (both inclusive) weighs the
+        whole machine (base.cpu_weight); our own cgroup is not ours to set."""
+        chain = [cg_from]
+        for comp in [c for c in cg_to[len(cg_from):].split("/") if c]:
+            chain.append(join_cg(chain[-1], comp))
+        value = str(weight(None))
+        for cg in chain:
+            if cg != self.own and path_within(cg, self.own):
+                write_text(pjoin(self._dir(cg), "cpu.weight"), value)
 
     # --- inspection ----------------------------------------------------------
 

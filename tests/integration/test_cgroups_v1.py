@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.cgroups import CgroupDriver, V1Driver, detect
+from sandbox.cgroups.base import machine_cpus
 from sandbox.spec import Limits
 
 pytestmark = [pytest.mark.root]
@@ -79,6 +80,9 @@ def test_limits_reach_the_kernel_files(driver: CgroupDriver, cg: str) -> None:
         assert memsw.read_text().strip() == str(64 << 20)
     assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "50000"
     assert (cpu / "cpu.cfs_period_us").read_text().strip() == "100000"
+    # weight follows the CPUs allowed; our cgroup above it weighs the machine
+    assert (cpu / "cpu.shares").read_text().strip() == "512"
+    assert (cpu.parent / "cpu.shares").read_text().strip() == str(1024 * machine_cpus())
     assert (pids / "pids.max").read_text().strip() == "20"
     assert (freezer / "freezer.state").read_text().strip() == "THAWED"
     u = driver.usage(f"{cg}/inner")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.cgroups import cgroup_mounts
-from sandbox.cgroups.base import Usage, parse_proc_cgroup, path_within
+from sandbox.cgroups.base import Usage, cpu_weight, machine_cpus, parse_proc_cgroup, path_within
 from sandbox.cgroups.v1 import V1Driver, plan_limits
 from sandbox.errors import CorralError, HostSetupError, NotFound
 from sandbox.spec import Limits
@@ -59,6 +59,7 @@ def test_plan_limits_values() -> None:
         ("memory", "memory.memsw.limit_in_bytes", str(64 << 20)),  # swap 0: memsw = mem
         ("cpu", "cpu.cfs_period_us", "100000"),
         ("cpu", "cpu.cfs_quota_us", "50000"),
+        ("cpu", "cpu.shares", "512"),  # weight follows the CPUs allowed
         ("pids", "pids.max", "16"),
     ]
     ops = plan_limits(Limits(memory_bytes=100, swap_bytes=50), True)
@@ -68,6 +69,7 @@ def test_plan_limits_values() -> None:
         ("memory", "memory.limit_in_bytes", "-1"),
         ("cpu", "cpu.cfs_period_us", "100000"),
         ("cpu", "cpu.cfs_quota_us", "-1"),
+        ("cpu", "cpu.shares", str(1024 * machine_cpus())),  # no cap: the whole machine
         ("pids", "pids.max", "max"),
     ]
     # Unlimited memory with unlimited swap accounting.
@@ -83,11 +85,29 @@ def test_prepare_writes_every_controller(tmp_path: Path) -> None:
     assert (mem / "memory.memsw.limit_in_bytes").read_text() == str(64 << 20)
     assert (tmp_path / "cpu/corral-t/s1/cpu.cfs_quota_us").read_text() == "200000"
     assert (tmp_path / "cpu/corral-t/s1/cpu.cfs_period_us").read_text() == "100000"
+    assert (tmp_path / "cpu/corral-t/s1/cpu.shares").read_text() == "2048"
     assert (tmp_path / "pids/corral-t/s1/pids.max").read_text() == "16"
     assert (tmp_path / "freezer/corral-t/s1").is_dir()
     assert (tmp_path / "cpuacct/corral-t/s1").is_dir()
     assert d.exists("s1")
     assert d.children("") == ["s1"]
+
+
+def test_cpu_weight_follows_the_allowance() -> None:
+    assert cpu_weight(1.5, 1024, 2, 262144) == 1536
+    assert cpu_weight(0.001, 1024, 2, 262144) == 2  # clamped to the kernel's range
+    assert cpu_weight(1000, 100, 1, 10000) == 10000
+    assert cpu_weight(None, 100, 1, 10000) == 100 * machine_cpus()
+
+
+def test_our_cgroups_above_a_sandbox_weigh_the_machine(tmp_path: Path) -> None:
+    d = make_fake(tmp_path)
+    d.prepare("agents/a1", Limits(cpus=0.5))
+    machine = str(1024 * machine_cpus())
+    assert (tmp_path / "cpu/corral-t/cpu.shares").read_text() == machine
+    assert (tmp_path / "cpu/corral-t/agents/cpu.shares").read_text() == machine
+    assert (tmp_path / "cpu/corral-t/agents/a1/cpu.shares").read_text() == "512"
+    assert not (tmp_path / "cpu/cpu.shares").exists()  # our own cgroup is not ours to set
 
 
 def test_prepare_without_swap_accounting(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.cgroups.base import Usage
+from sandbox.cgroups.base import Usage, machine_cpus
 from sandbox.cgroups.v2 import V2Driver, plan_limits
 from sandbox.errors import CorralError, HostSetupError, NotFound
 from sandbox.spec import Limits
@@ -44,10 +44,10 @@ class RecordingV2(V2Driver):
 def test_plan_limits_values() -> None:
     ops = dict(plan_limits(Limits(memory_bytes=256 << 20, swap_bytes=0, cpus=1.5, pids=64)))
     assert ops == {"memory.max": str(256 << 20), "memory.swap.max": "0",
-                   "cpu.max": "150000 100000", "pids.max": "64"}
+                   "cpu.max": "150000 100000", "cpu.weight": "150", "pids.max": "64"}
     ops = dict(plan_limits(Limits(memory_bytes=None, swap_bytes=None, cpus=None, pids=None)))
     assert ops == {"memory.max": "max", "memory.swap.max": "max", "cpu.max": "max 100000",
-                   "pids.max": "max"}
+                   "cpu.weight": str(100 * machine_cpus()), "pids.max": "max"}
     # The kernel refuses quotas below 1 ms.
     assert dict(plan_limits(Limits(cpus=0.001)))["cpu.max"] == "1000 100000"
 
@@ -60,7 +60,13 @@ def test_prepare_writes_limits_and_enables_controllers(fake: Path) -> None:
     assert (leaf / "memory.max").read_text() == str(1 << 30)
     assert (leaf / "memory.swap.max").read_text() == "0"
     assert (leaf / "cpu.max").read_text() == "50000 100000"
+    assert (leaf / "cpu.weight").read_text() == "50"
     assert (leaf / "pids.max").read_text() == "100"
+    # corral's cgroups above the leaf weigh the machine; our own cgroup is left alone
+    machine = str(100 * machine_cpus())
+    for sub in ("corral-x", "corral-x/agents"):
+        assert (fake / OWN.lstrip("/") / sub / "cpu.weight").read_text() == machine, sub
+    assert not (fake / OWN.lstrip("/") / "cpu.weight").exists()
     # Every cgroup from our own down to the leaf's parent hands the controllers on.
     for sub in ("", "corral-x", "corral-x/agents"):
         sc = (fake / OWN.lstrip("/") / sub / "cgroup.subtree_control").read_text().split()
@@ -163,6 +169,8 @@ def test_enter_leaf_moves_caller_then_enables(fake: Path) -> None:
     d.enter_leaf("supervisor")
     own = fake / OWN.lstrip("/")
     assert (own / "supervisor/cgroup.procs").read_text() == str(os.getpid())
+    assert (own / "supervisor/cpu.weight").read_text() == str(100 * machine_cpus())
+    assert not (own / "cpu.weight").exists()  # base == own here: not ours to set
     assert sorted((own / "cgroup.subtree_control").read_text().split()) == [
         "+cpu", "+memory", "+pids"]
 

@@ -251,6 +251,10 @@ def test_agent_cgroup_has_the_limits() -> None:
     assert int((cg / "pids.max").read_text()) == PIDS
     quota, period = (cg / "cpu.max").read_text().split()
     assert int(quota) == int(CPUS * int(period)), (quota, period)
+    # weight follows the CPUs allowed (100 per CPU); corral's cgroup above it
+    # weighs the machine's CPUs
+    assert int((cg / "cpu.weight").read_text()) == round(100 * CPUS)
+    assert int((cg.parent.parent / "cpu.weight").read_text()) == 100 * len(os.sched_getaffinity(0))
 
 
 def test_corral_cgroups_only_inside_its_delegated_subtree() -> None:
