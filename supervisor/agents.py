@@ -67,6 +67,8 @@ STEPS = ("recorded", "leased", "prepared", "keeper", "running", "stopping", "rel
 
 #: The directory holding the `supervisor` and `sandbox` packages (for the keeper's PYTHONPATH).
 PKG_ROOT = str(Path(__file__).resolve().parent.parent)
+#: The session's terminal type, unless the template's env sets TERM.
+SESSION_TERM = "xterm-256color"
 
 
 def _check_run_as(name: str, spec: SandboxSpec, run_as: str | None) -> None:
@@ -230,7 +232,13 @@ class Manager:
                    project: str | None, host_ports: dict[str, int]) -> SandboxSpec:
         p = self.paths(name)
         addr = addresses(str(self.config.network.subnet), subnet_index)
-        env = dict(tpl.env)
+        # The session is one terminal shown on many clients' terminals: it is
+        # an xterm (what they all understand, and what the screen model
+        # emulates) unless the template says otherwise. Without TERM, vi, less
+        # and readline fall back to a dumb terminal: no alternate screen, no
+        # bracketed paste.
+        env = {"TERM": SESSION_TERM}
+        env.update(dict(tpl.env))
         env.update(dict(tpl.agent.env))
         env["CORRAL_AGENT"] = name
         for svc in tpl.services:

@@ -36,6 +36,7 @@ from typing import Any
 from sandbox.errors import HostSetupError
 from supervisor import vterm
 from supervisor.screen_flood import FloodCutter
+from supervisor.screen_modes import ModeTracker
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ PARSE_AT = 256 * 1024
 PARSE_PIECES = 64
 
 RESET = b"\x1b[0m"
+#: Switching screens (DECSET 1049, 1047, 47).
+_ALTSCREEN = re.compile(rb"\x1b\[\?(?:1049|1047|47)([hl])")
 
 
 class ScreenModel:
@@ -63,6 +66,7 @@ class ScreenModel:
             raise ValueError(f"screen backend {choice!r} (from the argument or {BACKEND_ENV}): "
                              f"expected one of {', '.join(BACKENDS)}")
         self._impl: VTermScreen | PyteScreen
+        self.modes = ModeTracker()
         cols, rows = max(1, cols), max(1, rows)
         if choice == "pyte":
             self._impl = PyteScreen(cols, rows)
@@ -90,6 +94,7 @@ class ScreenModel:
 
     def feed(self, data: bytes) -> None:
         """Everything the session prints, in order."""
+        self.modes.feed(data)
         self._impl.feed(data)
 
     @property
@@ -103,12 +108,17 @@ class ScreenModel:
 
     def resize(self, cols: int, rows: int) -> None:
         self._impl.resize(max(1, cols), max(1, rows))
+        self.modes.resize()
 
     def render(self) -> bytes:
-        """ANSI bytes that repaint the current screen on a fresh terminal: reset
-        SGR, home, clear, the rows' text with their attributes (trailing default
-        blanks left out), then the cursor's position and visibility."""
-        return self._impl.render()
+        """ANSI bytes that repaint the current screen on a client's terminal,
+        whatever it was left in: the paint's own modes, reset SGR, home,
+        clear, the rows' text with their attributes (trailing default blanks
+        left out), the cursor's visibility, then the program's terminal modes
+        (supervisor.screen_modes) and the cursor's position."""
+        body = self._impl.render()
+        return b"".join((self.modes.paint_state(), body,
+                         self.modes.restore(self._impl.size[1], self._impl.cursor())))
 
     def text(self) -> list[str]:
         """The screen as plain lines, each as wide as the screen (for tests and `inspect`)."""
@@ -193,6 +203,9 @@ class VTermScreen:
         self.pending = 0
         # raw cell attributes (VTerm.run) -> SGR; bounded, truecolor has many
         self._sgr: dict[bytes, bytes] = {}
+        #: while the alternate screen is up: a paint of the main screen as it
+        #: was when the program switched (None: not known)
+        self._main: bytes | None = None
 
     @property
     def term(self) -> vterm.VTerm:
@@ -201,9 +214,28 @@ class VTermScreen:
             data = b"".join(self._pending)
             self._pending.clear()
             self.pending = 0
-            # The head of a flood that scrolls away unseen is not parsed.
-            self._term.write(self.flood.cut(data, self._term.size[1]))
+            t = self._term
+            # Where the program last switched to the alternate screen: the
+            # main screen is painted from there, once (see render).
+            last = None
+            for m in _ALTSCREEN.finditer(data):
+                last = m
+            if last is not None and last.group(1) == b"h":
+                self._write(data[:last.start()])
+                if not t.altscreen:
+                    self._main = self._paint()
+                data = data[last.start():]
+            self._write(data)
+            if not t.altscreen:
+                self._main = None
         return self._term
+
+    def _write(self, data: bytes) -> None:
+        # The head of a flood that scrolls away unseen is not parsed.
+        self._term.write(self.flood.cut(data, self._term.size[1]))
+
+    def cursor(self) -> tuple[int, int]:
+        return self.term.cursor()
 
     @property
     def size(self) -> tuple[int, int]:
@@ -223,6 +255,7 @@ class VTermScreen:
 
     def resize(self, cols: int, rows: int) -> None:
         self.term.resize(cols, rows)
+        self._main = None   # painted for the old size
 
     def _sgr_of(self, raw: bytes) -> bytes:
         sgr = self._sgr.get(raw)
@@ -235,15 +268,22 @@ class VTermScreen:
 
     def render(self) -> bytes:
         t = self.term
-        cols, rows = t.size
-        # The client's terminal goes to the screen the program is on. Leaving
-        # the alternate screen restores the client's own main screen, so that
-        # one is cleared first: libvterm cannot show us the session's main
-        # screen while the alternate one is up.
         if t.altscreen:
-            out = [RESET, b"\x1b[H\x1b[2J\x1b[?1049h"]
-        else:
-            out = [b"\x1b[?1049l", RESET, b"\x1b[H\x1b[2J"]
+            # The client's terminal goes to the screen the program is on.
+            # Leaving the alternate screen brings back the client's own main
+            # screen, so that one is painted first: as the session's was when
+            # the program switched (libvterm cannot show us the session's
+            # main screen while the alternate one is up), or cleared if that
+            # is not known (resized since, or the switch came cut in two).
+            main = self._main or RESET + b"\x1b[H\x1b[2J"
+            return self._paint(main + b"\x1b[?1049h" + RESET + b"\x1b[H\x1b[2J")
+        return self._paint(b"\x1b[?1049l" + RESET + b"\x1b[H\x1b[2J")
+
+    def _paint(self, head: bytes = b"\x1b[?1049l" + RESET + b"\x1b[H\x1b[2J") -> bytes:
+        """`head`, then the screen the terminal shows now, cell by cell."""
+        t = self._term
+        cols, rows = t.size
+        out = [head]
         cur = RESET
         # Where the cursor is. The next row's start is reached with CR LF, as
         # tmux does (line-oriented readers of a client's output, like grep,
@@ -468,6 +508,10 @@ class PyteScreen:
     def resize(self, cols: int, rows: int) -> None:
         self._flush()
         self.screen.resize(rows, cols)
+
+    def cursor(self) -> tuple[int, int]:
+        self._flush()
+        return self.screen.cursor.y, self.screen.cursor.x
 
     def render(self) -> bytes:
         self._flush()

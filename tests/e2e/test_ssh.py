@@ -221,6 +221,8 @@ def test_late_joiner_sees_a_full_screen_program(team: Team, tmux: Tmux, uniq: st
                f"printf 'line one {uniq}\\nline two\\n' > /workspace/notes.txt", check=True)
     tmux.new("a", team.ssh_cmdline("alice", "web"))
     time.sleep(2)
+    tmux.keys("a", f"echo before-vi-{uniq}-$((6*7))", "Enter")
+    tmux.wait_for("a", f"before-vi-{uniq}-42")
     tmux.keys("a", "vi /workspace/notes.txt", "Enter")
     tmux.wait_for("a", f"line one {uniq}")
     # the editor's screen (text at the top, "~" filler lines, status line)
@@ -234,6 +236,33 @@ def test_late_joiner_sees_a_full_screen_program(team: Team, tmux: Tmux, uniq: st
     tmux.keys("late", "Go", f"added-{uniq}", "Escape")
     tmux.wait_for("a", f"added-{uniq}")
     tmux.keys("a", ":q!", "Enter")
+    # Leaving vi shows the newcomer the shell's screen as it was when vi
+    # started (painted under the editor's), not a blank one.
+    tmux.wait_for("late", f"before-vi-{uniq}-42")
+
+
+def test_late_joiner_gets_the_programs_terminal_modes(team: Team, tmux: Tmux,
+                                                      uniq: str) -> None:
+    """bash asks for bracketed paste at its prompt; a client that attaches
+    later must be in that mode too, or a pasted line runs at once."""
+    team.add("alice", "web", "collaborator")
+    team.add("cole", "web", "collaborator")
+    tmux.new("a", team.ssh_cmdline("alice", "web"))
+    time.sleep(2)
+    tmux.keys("a", f"echo ready-{uniq}-$((6*7))", "Enter")
+    tmux.wait_for("a", f"ready-{uniq}-42")
+    tmux.new("late", team.ssh_cmdline("cole", "web"))
+    tmux.wait_for("late", f"ready-{uniq}-42")
+    # tmux brackets a paste (-p) only for a pane whose program asked for it:
+    # here the program is our repaint, standing in for bash
+    tmux.run("set-buffer", "-b", f"p{uniq}", f"echo pasted-{uniq}-$((6*8))\n")
+    tmux.run("paste-buffer", "-p", "-b", f"p{uniq}", "-t", "late")
+    tmux.wait_for("a", f"echo pasted-{uniq}-$((6*8))")
+    time.sleep(1.5)
+    assert f"pasted-{uniq}-48" not in tmux.screen("a"), "the paste ran without Enter"
+    # positive control: Enter runs it
+    tmux.keys("late", "Enter")
+    tmux.wait_for("a", f"pasted-{uniq}-48")
 
 
 def test_session_killed_by_a_signal_ends_with_exit_signal(team: Team, tmux: Tmux,

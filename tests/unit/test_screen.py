@@ -210,22 +210,49 @@ def test_alternate_screen() -> None:
     r = m.render()
     assert b"ALT_TITLE" in r
     assert b"~ editing" in r
-    assert b"MAIN_SCREEN" not in r
-    assert r.startswith(b"\x1b[0m\x1b[H\x1b[2J\x1b[?1049h")
+    # the main screen as it was at the switch is painted first, then the
+    # alternate one: leaving vi shows a client that came late the shell
+    assert r.index(b"MAIN_SCREEN") < r.index(b"\x1b[?1049h") < r.index(b"ALT_TITLE")
     assert m.text()[0].startswith(" ALT_TITLE ")
     b = _replay(m)
     _assert_same(m, b)
     assert _term(b).altscreen
-    # leaving restores the main screen and the cursor
+    # leaving restores the main screen and the cursor, on both
     m.feed(b"\x1b[?1049l")
+    b.feed(b"\x1b[?1049l")
     t = _term(m)   # parses what was fed
     assert not t.altscreen
     assert m.text()[0].startswith("MAIN_SCREEN $ vi")
     assert t.cursor() == (1, 0)
+    _assert_same(m, b)
+    assert _term(b).cursor() == (1, 0)
     r = m.render()
     assert b"MAIN_SCREEN $ vi" in r
     assert b"ALT_TITLE" not in r
     _assert_same(m, _replay(m))
+
+
+def test_main_screen_under_the_alternate_one_is_the_last_switch() -> None:
+    m = _model(40, 10)
+    # several switches in one piece, and one in a later piece: the main
+    # screen painted is the one of the last switch
+    m.feed(b"first\r\n\x1b[?1049hALT1\x1b[?1049lsecond\r\n\x1b[?1049h\x1b[2JALT2")
+    r = m.render()
+    assert r.index(b"second") < r.index(b"\x1b[?1049h") < r.index(b"ALT2")
+    assert b"ALT1" not in r
+    m.feed(b"\x1b[?1049lthird\r\n")
+    m.feed(b"\x1b[?1049h\x1b[2JALT3")
+    b = _replay(m)
+    b.feed(b"\x1b[?1049l")
+    m.feed(b"\x1b[?1049l")
+    _assert_same(m, b)
+    assert m.text()[2].startswith("third")
+    # a resize while the alternate screen is up: the old paint no longer
+    # fits, so the client's main screen is cleared instead
+    m.feed(b"\x1b[?1049h\x1b[2JALT4")
+    m.resize(30, 8)
+    r = m.render()
+    assert b"third" not in r and b"ALT4" in r
 
 
 def test_resize() -> None:
