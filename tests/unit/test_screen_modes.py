@@ -1,0 +1,179 @@
+"""Terminal modes in a repaint (supervisor/screen_modes.py): after a client is
+painted, the program's further output must land on its terminal as it does on
+the session's, and its keys must be sent in the modes the program asked for.
+
+libvterm stands in for the client's terminal: a fresh model fed the repaint."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from supervisor.screen import ScreenModel
+from supervisor.screen_modes import ModeTracker
+
+pytestmark = pytest.mark.filterwarnings("error")
+
+
+def _model(cols: int = 40, rows: int = 12) -> ScreenModel:
+    m = ScreenModel(cols, rows, backend="vterm")
+    assert m.term is not None
+    return m
+
+
+def _client(m: ScreenModel) -> ScreenModel:
+    """A client's terminal that has just been painted."""
+    c = _model(*m.size)
+    c.feed(m.render())
+    return c
+
+
+def _same(a: ScreenModel, b: ScreenModel) -> None:
+    assert b.text() == a.text()
+    assert a.term is not None
+    assert b.term is not None
+    assert b.term.cursor() == a.term.cursor()
+
+
+def _both(a: ScreenModel, b: ScreenModel, data: bytes) -> None:
+    a.feed(data)
+    b.feed(data)
+
+
+def test_a_plain_session_restores_nothing() -> None:
+    m = _model()
+    m.feed(b"agent$ ls\r\nfile\r\nagent$ ")
+    r = m.render()
+    assert r.startswith(b"\x1b[?1049l")   # no mode was touched: nothing to reset either
+    assert r.endswith(b"\x1b[3;8H\x1b[?25h")
+
+
+def test_scroll_region_is_restored() -> None:
+    m = _model()
+    m.feed(b"top\x1b[12;1Hbottom\x1b[3;6r\x1b[6;1Hin region")
+    c = _client(m)
+    # the program scrolls its region; the client must scroll the same rows
+    _both(m, c, b"\r\nmore\r\nand more\r\nand more still")
+    _same(m, c)
+    assert m.text()[0].startswith("top")
+    assert m.text()[11].startswith("bottom")
+
+
+def test_origin_mode_is_restored() -> None:
+    m = _model()
+    m.feed(b"\x1b[4;8r\x1b[?6h\x1b[1;1Hfirst row of region")
+    c = _client(m)
+    _both(m, c, b"\x1b[2;3Hrelative\x1b[9;1Hclamped")
+    _same(m, c)
+    assert m.text()[3].startswith("first row of region")
+
+
+def test_insert_mode_is_restored() -> None:
+    m = _model()
+    m.feed(b"abcdef\x1b[4h\x1b[1;1H")
+    c = _client(m)
+    _both(m, c, b"XY")
+    _same(m, c)
+    assert m.text()[0].startswith("XYabcdef")
+
+
+def test_autowrap_off_is_restored() -> None:
+    m = _model(20, 5)
+    m.feed(b"\x1b[?7l\x1b[2;1H")
+    c = _client(m)
+    _both(m, c, b"0123456789abcdefghijKLMN")
+    _same(m, c)
+    assert m.text()[1] == "0123456789abcdefghiN"
+
+
+def test_key_modes_are_set_and_unset() -> None:
+    m = _model()
+    m.feed(b"\x1b[?1h\x1b=\x1b[?2004h\x1b[?1000;1006h\x1b[?1004h")
+    r = m.render()
+    for seq in (b"\x1b[?1h", b"\x1b=", b"\x1b[?2004h", b"\x1b[?1000h", b"\x1b[?1006h",
+                b"\x1b[?1004h"):
+        assert seq in r, seq
+    # a client that skipped while they were on gets them switched off
+    m.feed(b"\x1b[?1l\x1b>\x1b[?2004l\x1b[?1000;1006l\x1b[?1004l")
+    r = m.render()
+    for seq in (b"\x1b[?1l", b"\x1b>", b"\x1b[?2004l", b"\x1b[?1000l", b"\x1b[?1006l",
+                b"\x1b[?1004l"):
+        assert seq in r, seq
+
+
+def test_sequences_split_across_pieces() -> None:
+    t = ModeTracker()
+    for piece in (b"text\x1b", b"[?20", b"04h more \x1b[", b"5;", b"9r", b"\x1b"):
+        t.feed(piece)
+    t.feed(b"=")
+    assert t.dec[2004]
+    assert t.region == (5, 9)
+    assert t.keypad
+    # an unrelated sequence cut in two is no mode
+    t.feed(b"\x1b[3")
+    t.feed(b"1mred")
+    assert t.ansi == {4: False, 20: False}
+
+
+def test_reset_and_soft_reset() -> None:
+    m = _model()
+    m.feed(b"\x1b[?2004h\x1b[3;9r\x1b[4h\x1bc")
+    r = m.render()
+    assert b"\x1b[?2004l" in r
+    assert b"\x1b[4l" in r
+    assert b"\x1b[3;9r" not in r
+    m.feed(b"\x1b[?1h\x1b[2;5r\x1b[!p")
+    r = m.render()
+    assert b"\x1b[?1l" in r
+    assert b"\x1b[2;5r" not in r
+
+
+def test_resize_resets_the_region() -> None:
+    m = _model()
+    m.feed(b"\x1b[2;6r")
+    m.resize(50, 14)
+    assert b"\x1b[2;6r" not in m.render()
+
+
+def _random_stream(rng: random.Random, cols: int, rows: int) -> bytes:
+    """Text, line feeds, cursor moves, scroll regions, origin, insert and
+    autowrap modes, mixed. Text stops short of the last column, so no cursor
+    is left at the right margin waiting to wrap (a state no repaint can set)."""
+    out = []
+    for _ in range(rng.randint(5, 60)):
+        k = rng.random()
+        if k < 0.3:
+            y, x = rng.randint(1, rows), rng.randint(1, cols - 8)
+            out.append(b"\x1b[%d;%dH%s" % (y, x, rng.choice([b"ab", b"word", b"x y z"])))
+        elif k < 0.5:
+            out.append(rng.choice([b"\r\n", b"\n", b"\r\nline", b"\x1bM", b"\x1bD"]))
+        elif k < 0.6:
+            top = rng.randint(1, rows - 1)
+            out.append(rng.choice([b"\x1b[%d;%dr" % (top, rng.randint(top + 1, rows)),
+                                   b"\x1b[r"]))
+        elif k < 0.7:
+            out.append(rng.choice([b"\x1b[?6h", b"\x1b[?6l"]))
+        elif k < 0.8:
+            out.append(rng.choice([b"\x1b[4h", b"\x1b[4l"]))
+        elif k < 0.85:
+            out.append(rng.choice([b"\x1b[?7h", b"\x1b[?7l"]))
+        elif k < 0.9:
+            out.append(b"\x1b[%dL" % rng.randint(1, 3))
+        else:
+            out.append(b"\x1b[%d;%dH" % (rng.randint(1, rows), rng.randint(1, cols - 8)))
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_output_after_a_repaint_lands_the_same(seed: int) -> None:
+    rng = random.Random(seed)
+    cols, rows = rng.choice([(40, 12), (20, 6), (80, 24)])
+    head = _random_stream(rng, cols, rows)
+    tail = _random_stream(rng, cols, rows)
+    m = _model(cols, rows)
+    m.feed(head)
+    c = _client(m)
+    _same(m, c)
+    _both(m, c, tail)
+    _same(m, c)
