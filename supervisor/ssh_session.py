@@ -70,6 +70,9 @@ WRITE_LOW = 128 * 1024
 FLIGHT_MAX = 128 * 1024
 FLIGHT_POLL = 0.01
 FLIGHT_PATIENCE = 0.1
+#: A limit grown for a client that went quiet (see _client_caught_up) shrinks
+#: back to FLIGHT_MAX once the client has kept within FLIGHT_MAX this long.
+FLIGHT_DECAY = 5.0
 
 #: What a session ended with: an exit status, or the signal that killed it.
 Outcome = int | signal_mod.Signals
@@ -211,6 +214,8 @@ class AgentSession(SSHServerStreamSession[bytes]):
         #: unconsumed before the pump waits (see _client_caught_up)
         self._window_max = 0
         self._flight_limit = FLIGHT_MAX
+        #: when the client last had more than FLIGHT_MAX in flight
+        self._flight_over_at = 0.0
 
     # --- requests (asyncssh asks; we answer yes/no) -------------------------
 
@@ -438,18 +443,26 @@ class AgentSession(SSHServerStreamSession[bytes]):
         is left of it, plus asyncssh's own buffer. OpenSSH returns credit every
         96 KiB it writes out; a client that returns it in larger lumps
         (asyncssh's: at half its window) sends none while we wait, so after
-        FLIGHT_PATIENCE without credit this client's limit grows by FLIGHT_MAX
-        for good. asyncssh has no public accessor for the send window; without
-        it this never waits."""
+        FLIGHT_PATIENCE without credit this client's limit grows by FLIGHT_MAX.
+        It shrinks back once the client has kept within FLIGHT_MAX for
+        FLIGHT_DECAY (an OpenSSH client that paused once, say a phone put
+        away), and never for a client that credits in lumps. asyncssh has no
+        public accessor for the send window; without it this never waits."""
         chan = self._chan
         waited = 0.0
         last = -1
+        loop = asyncio.get_running_loop()
         while chan is not None:
             window = getattr(chan, "_send_window", None)
             if not isinstance(window, int):
                 return
             self._window_max = max(self._window_max, window)
             in_flight = self._window_max - window + chan.get_write_buffer_size()
+            now = loop.time()
+            if in_flight > FLIGHT_MAX:
+                self._flight_over_at = now
+            elif now - self._flight_over_at >= FLIGHT_DECAY:
+                self._flight_limit = FLIGHT_MAX
             if in_flight <= self._flight_limit:
                 return
             if window > last >= 0:

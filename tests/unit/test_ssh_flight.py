@@ -1,0 +1,101 @@
+"""How much session output a client may have in flight (sent, its SSH window
+credit not back) before the pump waits: AgentSession._client_caught_up, with
+a stand-in for asyncssh's channel (its send window and write buffer)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from supervisor import ssh_session
+from supervisor.ssh_session import FLIGHT_MAX, AgentSession
+
+WINDOW = 2 * 1024 * 1024   # OpenSSH's initial window
+
+
+class Chan:
+    """The two things the pump reads of asyncssh's channel."""
+
+    def __init__(self) -> None:
+        self._send_window = WINDOW
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def _session(chan: Chan) -> AgentSession:
+    s = AgentSession.__new__(AgentSession)
+    s._chan = chan   # type: ignore[assignment]
+    s._window_max = 0
+    s._flight_limit = FLIGHT_MAX
+    s._flight_over_at = 0.0
+    return s
+
+
+def _in_flight(chan: Chan, n: int) -> None:
+    chan._send_window = WINDOW - n
+
+
+async def _returns(s: AgentSession, within: float) -> bool:
+    try:
+        await asyncio.wait_for(s._client_caught_up(), within)
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_a_limit_grown_for_a_quiet_client_shrinks_back(monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    monkeypatch.setattr(ssh_session, "FLIGHT_DECAY", 0.3)
+
+    async def main() -> None:
+        chan = Chan()
+        s = _session(chan)
+        _in_flight(chan, 0)
+        assert await _returns(s, 0.05)
+        # the client stops crediting with 600 KiB in flight: after
+        # FLIGHT_PATIENCE the pump goes on, with a larger allowance
+        _in_flight(chan, 600 * 1024)
+        assert await _returns(s, 1.0)
+        assert s._flight_limit == 600 * 1024 + FLIGHT_MAX
+        assert await _returns(s, 0.05)   # within the grown limit: no wait
+        # it catches up and keeps within FLIGHT_MAX: the allowance stays a
+        # while, then shrinks back
+        _in_flight(chan, 64 * 1024)
+        assert await _returns(s, 0.05)
+        assert s._flight_limit > FLIGHT_MAX
+        await asyncio.sleep(0.35)
+        assert await _returns(s, 0.05)
+        assert s._flight_limit == FLIGHT_MAX
+        # so 600 KiB in flight makes it wait again (positive control of the bound)
+        _in_flight(chan, 600 * 1024)
+        assert not await _returns(s, 0.05)
+
+    asyncio.run(main())
+
+
+def test_a_client_crediting_in_lumps_keeps_its_allowance(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    monkeypatch.setattr(ssh_session, "FLIGHT_DECAY", 0.3)
+
+    async def main() -> None:
+        chan = Chan()
+        s = _session(chan)
+        _in_flight(chan, 0)
+        assert await _returns(s, 0.05)
+        _in_flight(chan, 900 * 1024)
+        assert await _returns(s, 1.0)
+        grown = s._flight_limit
+        assert grown > FLIGHT_MAX
+        # credit comes back half a window at a time: in flight swings between
+        # little and a lot, so the allowance is still needed and stays
+        for _ in range(8):
+            _in_flight(chan, 16 * 1024)
+            assert await _returns(s, 0.05)
+            await asyncio.sleep(0.05)
+            _in_flight(chan, 800 * 1024)
+            assert await _returns(s, 0.05)
+        assert s._flight_limit == grown
+
+    asyncio.run(main())
