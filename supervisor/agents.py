@@ -46,6 +46,7 @@ from supervisor import __version__
 from supervisor.config import Config
 from supervisor.events import EventBus
 from supervisor.execproc import ExecProcess
+from supervisor.keeper import utf8_line_editing
 from supervisor.layout import AgentPaths, addresses, agent_paths, subnet_slots, veth
 from supervisor.session import SessionClient, SessionHub
 from supervisor.store import Store
@@ -1000,6 +1001,7 @@ class Manager:
         if tty:
             master, slave = _sandbox_pty(row.init_pid, spec.uid)
             fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", tty[2], tty[1], 0, 0))
+            utf8_line_editing(slave)
             try:
                 pid = process.enter(spec, row.init_pid, argv, env=full_env,
                                     cwd=spec.workspace.inside if spec.workspace.mode != "none"

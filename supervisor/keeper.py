@@ -70,6 +70,8 @@ HOLD_BYTES = 64 * 1024
 #: eager reader gets ~1 KiB per read (a wakeup and a syscall each, for it and
 #: the writer); after a short rest a read takes a full buffer, as tmux's do.
 FLOW_REST = 0.0005
+#: termios c_iflag bit (linux/termbits.h; the termios module has it, typeshed not).
+IUTF8 = 0o040000
 #: Keystrokes buffered for a PTY that is not reading (agent busy).
 INPUT_BACKLOG = 1024 * 1024
 
@@ -428,6 +430,15 @@ def write_json_atomic(path: str, data: object) -> None:
     os.replace(tmp, path)  # noqa: PTH105 - no pathlib in the resident keeper
 
 
+def utf8_line_editing(fd: int) -> None:
+    """IUTF8 on a terminal: the kernel's own line editing (a program reading
+    lines, like `cat` or `read`) erases a whole UTF-8 character, as tmux sets
+    it for its panes."""
+    attrs = termios.tcgetattr(fd)
+    attrs[0] |= IUTF8
+    termios.tcsetattr(fd, termios.TCSANOW, attrs)
+
+
 def _listen(path: str) -> socket.socket:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # noqa: PTH108 - no pathlib in the resident keeper
@@ -478,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     master, slave = pty.openpty()
     os.set_inheritable(master, False)
     fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", args.rows, args.cols, 0, 0))
+    utf8_line_editing(slave)
     listener = _listen(args.socket)
     try:
         own = json.loads(args.cgroup_own) if args.cgroup_own else None

@@ -74,6 +74,9 @@ def test_attach_type_detach_reattach(daemon: Daemon, project: Path, tmux: Tmux,
     time.sleep(1)
     tmux.keys("a", f"echo marker-{uniq}-$((6*7))", "Enter")
     tmux.wait_for("a", f"marker-{uniq}-42")
+    # the session's terminal is an xterm, and its line editing knows UTF-8
+    tmux.keys("a", f"stty -a | grep -q ' iutf8' && echo \"$TERM-{uniq}-$((6*8))\"", "Enter")
+    tmux.wait_for("a", f"xterm-256color-{uniq}-48")
     # the client sees itself among the session's clients
     info = daemon.json("inspect", "s1")
     assert "root" in info["session"]["clients"]
