@@ -275,7 +275,10 @@ def _init_main(spec: SandboxSpec, ops: list[mounts.MountOp], staging: str, ctty:
         step = "unshare cgroup namespace"
         kernel.unshare(kernel.CLONE_NEWCGROUP)
         step = f"start workload {spec.command[0]!r}"
-        main, dropped = _launch(spec.command, workload_env(spec), cwd, applied.uid,
+        env = workload_env(spec)
+        if spec.term:
+            env.setdefault("TERM", spec.term)
+        main, dropped = _launch(spec.command, env, cwd, applied.uid,
                                 applied.gid, ctty, 3)
         os.close(3)
         init.run(main, drop=None if dropped else

@@ -110,6 +110,7 @@ class SandboxSpec:
     network: Network | None = None
     rootfs: str | None = None  # None: the host's system dirs read-only
     home: str | None = None  # host dir mounted at /home/agent
+    term: str | None = None  # TERM of `command` (its terminal), unless env sets one
 
     @property
     def hostname(self) -> str:

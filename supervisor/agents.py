@@ -233,13 +233,7 @@ class Manager:
                    project: str | None, host_ports: dict[str, int]) -> SandboxSpec:
         p = self.paths(name)
         addr = addresses(str(self.config.network.subnet), subnet_index)
-        # The session is one terminal shown on many clients' terminals: it is
-        # an xterm (what they all understand, and what the screen model
-        # emulates) unless the template says otherwise. Without TERM, vi, less
-        # and readline fall back to a dumb terminal: no alternate screen, no
-        # bracketed paste.
-        env = {"TERM": SESSION_TERM}
-        env.update(dict(tpl.env))
+        env = dict(tpl.env)
         env.update(dict(tpl.agent.env))
         env["CORRAL_AGENT"] = name
         for svc in tpl.services:
@@ -274,7 +268,13 @@ class Manager:
             name=name, uid=uid, gid=uid, state_dir=p.state, run_dir=p.run,
             cgroup=f"agents/{name}", command=command,
             env=tuple(sorted(env.items())), workspace=ws, rules=rules,
-            limits=tpl.resources.to_limits(), network=net, home=p.home)
+            limits=tpl.resources.to_limits(), network=net, home=p.home,
+            # The session is one terminal shown on many clients' terminals: an
+            # xterm (what they all understand, and what the screen model
+            # emulates) unless the template's env says otherwise. Without
+            # TERM, vi, less and readline fall back to a dumb terminal: no
+            # alternate screen, no bracketed paste.
+            term=SESSION_TERM)
 
     async def create(self, name: str, template: str, project: str | None, sets: list[str],
                      start: bool) -> dict[str, Any]:
@@ -1001,8 +1001,8 @@ class Manager:
         if tty:
             master, slave = _sandbox_pty(row.init_pid, spec.uid)
             fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", tty[2], tty[1], 0, 0))
-            utf8_line_editing(slave)
             try:
+                utf8_line_editing(slave)
                 pid = process.enter(spec, row.init_pid, argv, env=full_env,
                                     cwd=spec.workspace.inside if spec.workspace.mode != "none"
                                     else "/home/agent",

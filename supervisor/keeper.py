@@ -434,9 +434,12 @@ def utf8_line_editing(fd: int) -> None:
     """IUTF8 on a terminal: the kernel's own line editing (a program reading
     lines, like `cat` or `read`) erases a whole UTF-8 character, as tmux sets
     it for its panes."""
-    attrs = termios.tcgetattr(fd)
-    attrs[0] |= IUTF8
-    termios.tcsetattr(fd, termios.TCSANOW, attrs)
+    try:
+        attrs = termios.tcgetattr(fd)
+        attrs[0] |= IUTF8
+        termios.tcsetattr(fd, termios.TCSANOW, attrs)
+    except termios.error:
+        pass   # a terminal without it still works
 
 
 def _listen(path: str) -> socket.socket:

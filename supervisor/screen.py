@@ -53,8 +53,8 @@ PARSE_AT = 256 * 1024
 PARSE_PIECES = 64
 
 RESET = b"\x1b[0m"
-#: Switching screens (DECSET 1049, 1047, 47).
-_ALTSCREEN = re.compile(rb"\x1b\[\?(?:1049|1047|47)([hl])")
+#: Switching screens (DECSET 1049, 1047; libvterm 0.1.4 ignores 47).
+_ALTSCREEN = re.compile(rb"\x1b\[\?(?:1049|1047)([hl])")
 
 
 class ScreenModel:
@@ -72,7 +72,7 @@ class ScreenModel:
             self._impl = PyteScreen(cols, rows)
             return
         try:
-            self._impl = VTermScreen(cols, rows)
+            self._impl = VTermScreen(cols, rows, self.modes)
         except HostSetupError as e:
             if choice == "vterm":
                 raise
@@ -94,7 +94,8 @@ class ScreenModel:
 
     def feed(self, data: bytes) -> None:
         """Everything the session prints, in order."""
-        self.modes.feed(data)
+        if isinstance(self._impl, PyteScreen):
+            self.modes.feed(data)   # (libvterm's model feeds them what it parses)
         self._impl.feed(data)
 
     @property
@@ -108,7 +109,6 @@ class ScreenModel:
 
     def resize(self, cols: int, rows: int) -> None:
         self._impl.resize(max(1, cols), max(1, rows))
-        self.modes.resize()
 
     def render(self) -> bytes:
         """ANSI bytes that repaint the current screen on a client's terminal,
@@ -196,9 +196,10 @@ _NOT_NARROW = re.compile("[^\x20-\x7e\xa0-\u02ff\u0370-\u0482\u048a-\u04ff\u2010
 class VTermScreen:
     backend = "vterm"
 
-    def __init__(self, cols: int, rows: int) -> None:
+    def __init__(self, cols: int, rows: int, modes: ModeTracker) -> None:
         self._term = vterm.VTerm(cols, rows)
         self.flood = FloodCutter()
+        self.modes = modes
         self._pending: list[bytes] = []
         self.pending = 0
         # raw cell attributes (VTerm.run) -> SGR; bounded, truecolor has many
@@ -231,8 +232,11 @@ class VTermScreen:
         return self._term
 
     def _write(self, data: bytes) -> None:
-        # The head of a flood that scrolls away unseen is not parsed.
-        self._term.write(self.flood.cut(data, self._term.size[1]))
+        # The head of a flood that scrolls away unseen is not parsed, nor
+        # scanned for modes: it is text and colours only (screen_flood).
+        data = self.flood.cut(data, self._term.size[1])
+        self.modes.feed(data)
+        self._term.write(data)
 
     def cursor(self) -> tuple[int, int]:
         return self.term.cursor()

@@ -26,13 +26,17 @@ from __future__ import annotations
 
 import re
 
-#: DEC private modes (CSI ? n h/l) kept, with their power-on values: cursor
-#: keys (1), origin (6), autowrap (7), mouse (9, 1000-1006, 1015), focus
-#: (1004), bracketed paste (2004). Cursor visibility and the alternate screen
-#: are the screen model's own.
-DEC_DEFAULTS: dict[int, bool] = {1: False, 6: False, 7: True, 9: False, 1000: False,
-                                 1002: False, 1003: False, 1004: False, 1005: False,
-                                 1006: False, 1015: False, 2004: False}
+#: DEC private modes (CSI ? n h/l) kept as plain flags, with their power-on
+#: values: cursor keys (1), origin (6), autowrap (7), focus (1004), bracketed
+#: paste (2004). Cursor visibility and the alternate screen are the screen
+#: model's own.
+DEC_DEFAULTS: dict[int, bool] = {1: False, 6: False, 7: True, 1004: False, 2004: False}
+#: Mouse reporting is one mode of a group, as terminals keep it (xterm,
+#: libvterm): setting one replaces the last, resetting any turns it off.
+MOUSE_TRACKING = (9, 1000, 1002, 1003)
+#: ... and one coordinate encoding: setting one replaces the last, resetting
+#: one turns it off only if it is the one in force.
+MOUSE_ENCODING = (1005, 1006, 1015)
 #: ANSI modes (CSI n h/l): insert (4), automatic newline (20).
 ANSI_DEFAULTS: dict[int, bool] = {4: False, 20: False}
 
@@ -59,9 +63,12 @@ class ModeTracker:
         """Power-on values (RIS, DECSTR)."""
         self.dec = dict(DEC_DEFAULTS)
         self.ansi = dict(ANSI_DEFAULTS)
+        self.mouse: int | None = None   # the tracking mode in force
+        self.encoding: int | None = None   # the mouse encoding in force
         self.keypad = False  # application keypad (DECKPAM)
-        #: DECSTBM's top and bottom rows, 1-based as sent; None: the whole screen
-        self.region: tuple[int, int] | None = None
+        #: DECSTBM's top row (0-based) and bottom row (1-based, None: the
+        #: screen's last), as libvterm keeps them; None: the whole screen
+        self.region: tuple[int, int | None] | None = None
 
     def feed(self, data: bytes) -> None:
         """Everything the session prints, in order, in pieces of any size."""
@@ -86,29 +93,49 @@ class ModeTracker:
                 self.keypad = esc == b"="
                 self.seen.add("keypad")
             return
-        if final is None:   # DECSTR
-            self.reset()
+        if final is None:
+            # DECSTR: libvterm (0.1.4), the reference for the screen, keeps
+            # every mode that decides where output lands; the keys go back
+            # to normal, as on xterm.
+            self.dec[1] = False
+            self.keypad = False
             return
         if final == b"r":
             if not private:
                 self._set_region(params)
                 self.seen.add("region")
             return   # CSI ? ... r is XTRESTORE: not tracked
-        kind = "dec" if private else "ansi"
-        table = self.dec if private else self.ansi
         on = final == b"h"
         for p in params.split(b";"):
-            if p.isdigit() and int(p) in table:
-                table[int(p)] = on
-                self.seen.add((kind, int(p)))
+            if not p.isdigit():
+                continue
+            n = int(p)
+            if not private:
+                if n in self.ansi:
+                    self.ansi[n] = on
+                    self.seen.add(("ansi", n))
+            elif n in self.dec:
+                self.dec[n] = on
+                self.seen.add(("dec", n))
+            elif n in MOUSE_TRACKING:
+                self.mouse = n if on else None
+                self.seen.add("mouse")
+            elif n in MOUSE_ENCODING:
+                if on:
+                    self.encoding = n
+                elif self.encoding == n:
+                    self.encoding = None
+                self.seen.add("encoding")
 
     def _set_region(self, params: bytes) -> None:
+        # As libvterm: a missing top is 1, a missing bottom the last row, and
+        # a region whose top is not above its bottom is the whole screen.
         parts = params.split(b";")
-        top = int(parts[0]) if parts[0].isdigit() else 1
-        bottom = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-        # "CSI r", "CSI 1;0 r" and the like: the whole screen (bounds are
-        # checked against the screen at restore time).
-        self.region = None if top <= 1 and bottom == 0 else (max(1, top), bottom)
+        top = max(0, (int(parts[0]) if parts[0].isdigit() else 1) - 1)
+        bottom = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+        if bottom is not None and top >= bottom:
+            top, bottom = 0, None
+        self.region = None if top == 0 and bottom is None else (top, bottom)
 
     def paint_state(self) -> bytes:
         """The state a paint needs, where the session may have changed it:
@@ -119,36 +146,43 @@ class ModeTracker:
                                             (("dec", 6), b"\x1b[?6l"),
                                             ("region", b"\x1b[r")) if key in seen)
 
-    def resize(self) -> None:
-        """A new size resets the scroll region (xterm, libvterm)."""
-        self.region = None
-
     def restore(self, rows: int, cursor: tuple[int, int]) -> bytes:
         """Bytes that set the modes the session used on a client's terminal
         after a paint, and put the cursor back at `cursor` (row, column;
         0-based) if setting them moved it."""
         seen = self.seen
+        # origin mode too when it is off: a screen switch in the paint
+        # (DECRC on xterm) may have brought back a saved one
         out = [b"\x1b[?%d%s" % (n, b"h" if on else b"l") for n, on in self.dec.items()
                if n != 6 and ("dec", n) in seen]
         out += [b"\x1b[%d%s" % (n, b"h" if on else b"l") for n, on in self.ansi.items()
                 if ("ansi", n) in seen]
+        if "mouse" in seen:
+            out.append(b"\x1b[?%dh" % self.mouse if self.mouse else b"\x1b[?1000l")
+        if "encoding" in seen:
+            out += [b"\x1b[?%dl" % n for n in MOUSE_ENCODING if n != self.encoding]
+            if self.encoding:
+                out.append(b"\x1b[?%dh" % self.encoding)
         if "keypad" in seen:
             out.append(b"\x1b=" if self.keypad else b"\x1b>")
         y, x = cursor
-        top = 1
+        top = 0
         moved = False
         if self.region is not None:
             top, bottom = self.region
-            bottom = min(bottom or rows, rows)
-            if top < bottom:
-                out.append(b"\x1b[%d;%dr" % (top, bottom))
+            bottom = rows if bottom is None else min(bottom, rows)
+            if top < bottom - 1:
+                out.append(b"\x1b[%d;%dr" % (top + 1, bottom))
                 moved = True
             else:
-                top = 1   # the terminal ignores a region it cannot have
+                top = 0   # the terminal ignores a region it cannot have
         if self.dec[6]:
             # Origin mode: rows count from the region's top (DECOM homes the cursor).
             out.append(b"\x1b[?6h")
-            y -= top - 1
+            y -= top
+            moved = True
+        elif ("dec", 6) in seen:
+            out.append(b"\x1b[?6l")
             moved = True
         if moved:
             out.append(b"\x1b[%d;%dH" % (y + 1, x + 1))

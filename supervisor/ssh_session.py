@@ -70,8 +70,8 @@ WRITE_LOW = 128 * 1024
 FLIGHT_MAX = 128 * 1024
 FLIGHT_POLL = 0.01
 FLIGHT_PATIENCE = 0.1
-#: A limit grown for a client that went quiet (see _client_caught_up) shrinks
-#: back to FLIGHT_MAX once the client has kept within FLIGHT_MAX this long.
+#: A limit grown for a client that went quiet (see _client_caught_up) halves
+#: back toward FLIGHT_MAX every FLIGHT_DECAY after it last grew.
 FLIGHT_DECAY = 5.0
 
 #: What a session ended with: an exit status, or the signal that killed it.
@@ -214,8 +214,8 @@ class AgentSession(SSHServerStreamSession[bytes]):
         #: unconsumed before the pump waits (see _client_caught_up)
         self._window_max = 0
         self._flight_limit = FLIGHT_MAX
-        #: when the client last had more than FLIGHT_MAX in flight
-        self._flight_over_at = 0.0
+        #: when _flight_limit last grew or shrank
+        self._flight_changed_at = 0.0
 
     # --- requests (asyncssh asks; we answer yes/no) -------------------------
 
@@ -444,10 +444,12 @@ class AgentSession(SSHServerStreamSession[bytes]):
         96 KiB it writes out; a client that returns it in larger lumps
         (asyncssh's: at half its window) sends none while we wait, so after
         FLIGHT_PATIENCE without credit this client's limit grows by FLIGHT_MAX.
-        It shrinks back once the client has kept within FLIGHT_MAX for
-        FLIGHT_DECAY (an OpenSSH client that paused once, say a phone put
-        away), and never for a client that credits in lumps. asyncssh has no
-        public accessor for the send window; without it this never waits."""
+        It halves back toward FLIGHT_MAX every FLIGHT_DECAY after that, also
+        while output flows: an OpenSSH client that paused once (a phone put
+        away) lags in the hub again instead of holding stale output in its
+        buffers; a client that credits in lumps pays one FLIGHT_PATIENCE wait
+        per FLIGHT_DECAY to grow it again (~2 %). asyncssh has no public
+        accessor for the send window; without it this never waits."""
         chan = self._chan
         waited = 0.0
         last = -1
@@ -459,16 +461,17 @@ class AgentSession(SSHServerStreamSession[bytes]):
             self._window_max = max(self._window_max, window)
             in_flight = self._window_max - window + chan.get_write_buffer_size()
             now = loop.time()
-            if in_flight > FLIGHT_MAX:
-                self._flight_over_at = now
-            elif now - self._flight_over_at >= FLIGHT_DECAY:
-                self._flight_limit = FLIGHT_MAX
+            if (self._flight_limit > FLIGHT_MAX
+                    and now - self._flight_changed_at >= FLIGHT_DECAY):
+                self._flight_limit = max(FLIGHT_MAX, self._flight_limit // 2)
+                self._flight_changed_at = now
             if in_flight <= self._flight_limit:
                 return
             if window > last >= 0:
                 waited = 0.0   # credit came back: it is consuming, keep waiting
             elif waited >= FLIGHT_PATIENCE:
                 self._flight_limit = in_flight + FLIGHT_MAX
+                self._flight_changed_at = loop.time()
                 return
             last = window
             await asyncio.sleep(FLIGHT_POLL)

@@ -198,6 +198,8 @@ class V2Driver(CgroupDriver):
     def _weigh(self, cg_from: str, cg_to: str) -> None:
         """Every cgroup from `cg_from` down to `cg_to` (both inclusive) weighs the
         whole machine (base.cpu_weight); our own cgroup is not ours to set."""
+        if "cpu" not in self._available():
+            return   # not delegated to us: prepare() says so, with a hint
         chain = [cg_from]
         for comp in [c for c in cg_to[len(cg_from):].split("/") if c]:
             chain.append(join_cg(chain[-1], comp))

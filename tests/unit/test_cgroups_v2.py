@@ -197,3 +197,13 @@ def test_parent_is_validated(fake: Path) -> None:
 def test_usage_of_a_missing_cgroup_is_not_found(fake: Path) -> None:
     with pytest.raises(NotFound):
         V2Driver(str(fake), OWN).usage("nope")
+
+
+def test_enter_leaf_without_the_cpu_controller_sets_no_weight(fake: Path) -> None:
+    # the daemon still starts; creating an agent then says what is missing
+    (fake / OWN.lstrip("/") / "cgroup.controllers").write_text("memory pids\n")
+    d = V2Driver(str(fake), OWN, parent="corral-x")
+    d.enter_leaf("supervisor")
+    assert not (fake / OWN.lstrip("/") / "corral-x/cpu.weight").exists()
+    with pytest.raises(HostSetupError, match="cpu"):
+        d.prepare("a", Limits())

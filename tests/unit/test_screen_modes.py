@@ -108,7 +108,7 @@ def test_sequences_split_across_pieces() -> None:
         t.feed(piece)
     t.feed(b"=")
     assert t.dec[2004]
-    assert t.region == (5, 9)
+    assert t.region == (4, 9)
     assert t.keypad
     # an unrelated sequence cut in two is no mode
     t.feed(b"\x1b[3")
@@ -116,24 +116,55 @@ def test_sequences_split_across_pieces() -> None:
     assert t.ansi == {4: False, 20: False}
 
 
-def test_reset_and_soft_reset() -> None:
+def test_mouse_modes_are_one_of_a_group() -> None:
+    m = _model()
+    # what crossterm (ratatui) sends: SGR encoding (1006) is the one in force
+    m.feed(b"\x1b[?1000h\x1b[?1002h\x1b[?1003h\x1b[?1015h\x1b[?1006h")
+    r = m.render()
+    assert r.index(b"\x1b[?1015l") < r.index(b"\x1b[?1006h")
+    assert b"\x1b[?1015h" not in r
+    assert b"\x1b[?1003h" in r
+    assert b"\x1b[?1000h" not in r
+    # resetting any tracking mode turns tracking off; resetting an encoding
+    # not in force changes nothing
+    m.feed(b"\x1b[?1000l\x1b[?1015l")
+    r = m.render()
+    assert b"\x1b[?1000l" in r
+    assert b"\x1b[?1002h" not in r
+    assert b"\x1b[?1003h" not in r
+    assert b"\x1b[?1006h" in r
+
+
+def test_hard_reset_and_soft_reset() -> None:
     m = _model()
     m.feed(b"\x1b[?2004h\x1b[3;9r\x1b[4h\x1bc")
     r = m.render()
     assert b"\x1b[?2004l" in r
     assert b"\x1b[4l" in r
     assert b"\x1b[3;9r" not in r
-    m.feed(b"\x1b[?1h\x1b[2;5r\x1b[!p")
+    # DECSTR: keys back to normal; the screen model keeps the region
+    m.feed(b"\x1b[?1h\x1b=\x1b[2;5r\x1b[!p")
     r = m.render()
     assert b"\x1b[?1l" in r
-    assert b"\x1b[2;5r" not in r
+    assert r.endswith(b"\x1b>\x1b[2;5r\x1b[1;1H")
 
 
-def test_resize_resets_the_region() -> None:
-    m = _model()
-    m.feed(b"\x1b[2;6r")
-    m.resize(50, 14)
-    assert b"\x1b[2;6r" not in m.render()
+def test_region_survives_a_resize() -> None:
+    m = _model(40, 10)
+    m.feed(b"".join(b"line%d\r\n" % i for i in range(9)) + b"\x1b[3;6r")
+    m.resize(40, 12)
+    c = _client(m)
+    _both(m, c, b"\x1b[6;1Hz\n\n\nQ")
+    _same(m, c)
+
+
+def test_region_as_the_screen_model_reads_it() -> None:
+    for seq in (b"\x1b[3;0r", b"\x1b[5;3r", b"\x1b[3;99r", b"\x1b[0;4r", b"\x1b[;4r"):
+        m = _model(20, 6)
+        m.feed(b"r1\r\nr2\r\nr3\r\nr4\r\nr5\r\nr6" + seq + b"\x1b[4;1H")
+        c = _client(m)
+        _both(m, c, b"\n\n\nX\x1bMY")
+        _same(m, c)
 
 
 def _random_stream(rng: random.Random, cols: int, rows: int) -> bytes:

@@ -29,7 +29,7 @@ def _session(chan: Chan) -> AgentSession:
     s._chan = chan   # type: ignore[assignment]
     s._window_max = 0
     s._flight_limit = FLIGHT_MAX
-    s._flight_over_at = 0.0
+    s._flight_changed_at = 0.0
     return s
 
 
@@ -60,13 +60,19 @@ def test_a_limit_grown_for_a_quiet_client_shrinks_back(monkeypatch: pytest.Monke
         assert await _returns(s, 1.0)
         assert s._flight_limit == 600 * 1024 + FLIGHT_MAX
         assert await _returns(s, 0.05)   # within the grown limit: no wait
-        # it catches up and keeps within FLIGHT_MAX: the allowance stays a
-        # while, then shrinks back
-        _in_flight(chan, 64 * 1024)
+        # it credits again, steadily but with the flood keeping ~500 KiB in
+        # flight: the allowance halves every FLIGHT_DECAY all the same
+        _in_flight(chan, 500 * 1024)
         assert await _returns(s, 0.05)
         assert s._flight_limit > FLIGHT_MAX
         await asyncio.sleep(0.35)
+        _in_flight(chan, 300 * 1024)
         assert await _returns(s, 0.05)
+        assert s._flight_limit == (600 * 1024 + FLIGHT_MAX) // 2
+        for _ in range(4):
+            await asyncio.sleep(0.35)
+            _in_flight(chan, 64 * 1024)
+            assert await _returns(s, 0.05)
         assert s._flight_limit == FLIGHT_MAX
         # so 600 KiB in flight makes it wait again (positive control of the bound)
         _in_flight(chan, 600 * 1024)
@@ -75,8 +81,8 @@ def test_a_limit_grown_for_a_quiet_client_shrinks_back(monkeypatch: pytest.Monke
     asyncio.run(main())
 
 
-def test_a_client_crediting_in_lumps_keeps_its_allowance(monkeypatch: pytest.MonkeyPatch
-                                                         ) -> None:
+def test_a_client_crediting_in_lumps_grows_it_again(monkeypatch: pytest.MonkeyPatch
+                                                    ) -> None:
     monkeypatch.setattr(ssh_session, "FLIGHT_DECAY", 0.3)
 
     async def main() -> None:
@@ -87,15 +93,14 @@ def test_a_client_crediting_in_lumps_keeps_its_allowance(monkeypatch: pytest.Mon
         _in_flight(chan, 900 * 1024)
         assert await _returns(s, 1.0)
         grown = s._flight_limit
-        assert grown > FLIGHT_MAX
-        # credit comes back half a window at a time: in flight swings between
-        # little and a lot, so the allowance is still needed and stays
-        for _ in range(8):
-            _in_flight(chan, 16 * 1024)
-            assert await _returns(s, 0.05)
-            await asyncio.sleep(0.05)
-            _in_flight(chan, 800 * 1024)
-            assert await _returns(s, 0.05)
+        # credit comes back half a window at a time; after the allowance has
+        # halved, the next lump waits FLIGHT_PATIENCE once and grows it again
+        await asyncio.sleep(0.35)
+        _in_flight(chan, 16 * 1024)
+        assert await _returns(s, 0.05)
+        assert s._flight_limit < grown
+        _in_flight(chan, 900 * 1024)
+        assert await _returns(s, 1.0)
         assert s._flight_limit == grown
 
     asyncio.run(main())
