@@ -261,8 +261,8 @@ def main() -> int:
 @contextlib.contextmanager
 def _agent_like_cgroups(name: str) -> Iterator[list[Path]]:
     """NAME/agents/tmux beneath this process's own cgroup in each v1 controller
-    an agent's sandbox uses, with the default template's 1 GiB memory limit;
-    removed at the end (after tmux's server has gone)."""
+    an agent's sandbox uses, with the default template's 1 GiB memory limit
+    and an agent's CPU weight; removed at the end (after tmux's server has gone)."""
     own: dict[str, str] = {}
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         _, ctrls, path = line.split(":", 2)
@@ -281,6 +281,10 @@ def _agent_like_cgroups(name: str) -> Iterator[list[Path]]:
                     made.append(p)
             if c == "memory":
                 (leaf / "memory.limit_in_bytes").write_text(str(1 << 30))
+            if c == "cpu":
+                # weighted as corral weighs an agent with every CPU
+                for p in (leaf.parent.parent, leaf.parent, leaf):
+                    (p / "cpu.shares").write_text(str(1024 * (os.cpu_count() or 1)))
         if not made:
             raise RuntimeError("--tmux-cgroups: no cgroup v1 controllers here")
         yield [p for p in made if p.name == "tmux"]
