@@ -49,42 +49,26 @@ def test_a_plain_session_restores_nothing() -> None:
     assert r.endswith(b"\x1b[3;8H\x1b[?25h")
 
 
-def test_scroll_region_is_restored() -> None:
-    m = _model()
-    m.feed(b"top\x1b[12;1Hbottom\x1b[3;6r\x1b[6;1Hin region")
-    c = _client(m)
+@pytest.mark.parametrize(("size", "head", "tail", "row", "expect"), [
     # the program scrolls its region; the client must scroll the same rows
-    _both(m, c, b"\r\nmore\r\nand more\r\nand more still")
-    _same(m, c)
-    assert m.text()[0].startswith("top")
-    assert m.text()[11].startswith("bottom")
-
-
-def test_origin_mode_is_restored() -> None:
-    m = _model()
-    m.feed(b"\x1b[4;8r\x1b[?6h\x1b[1;1Hfirst row of region")
+    ((40, 12), b"top\x1b[12;1Hbottom\x1b[3;6r\x1b[6;1Hin region",
+     b"\r\nmore\r\nand more\r\nand more still", 11, "bottom"),
+    # origin mode: rows count from the region's top
+    ((40, 12), b"\x1b[4;8r\x1b[?6h\x1b[1;1Hfirst row of region",
+     b"\x1b[2;3Hrelative\x1b[9;1Hclamped", 3, "first row of region"),
+    # insert mode
+    ((40, 12), b"abcdef\x1b[4h\x1b[1;1H", b"XY", 0, "XYabcdef"),
+    # autowrap off: the last column is overwritten
+    ((20, 5), b"\x1b[?7l\x1b[2;1H", b"0123456789abcdefghijKLMN", 1, "0123456789abcdefghiN"),
+], ids=["region", "origin", "insert", "no-autowrap"])
+def test_mode_is_restored(size: tuple[int, int], head: bytes, tail: bytes, row: int,
+                          expect: str) -> None:
+    m = _model(*size)
+    m.feed(head)
     c = _client(m)
-    _both(m, c, b"\x1b[2;3Hrelative\x1b[9;1Hclamped")
+    _both(m, c, tail)
     _same(m, c)
-    assert m.text()[3].startswith("first row of region")
-
-
-def test_insert_mode_is_restored() -> None:
-    m = _model()
-    m.feed(b"abcdef\x1b[4h\x1b[1;1H")
-    c = _client(m)
-    _both(m, c, b"XY")
-    _same(m, c)
-    assert m.text()[0].startswith("XYabcdef")
-
-
-def test_autowrap_off_is_restored() -> None:
-    m = _model(20, 5)
-    m.feed(b"\x1b[?7l\x1b[2;1H")
-    c = _client(m)
-    _both(m, c, b"0123456789abcdefghijKLMN")
-    _same(m, c)
-    assert m.text()[1] == "0123456789abcdefghiN"
+    assert m.text()[row].startswith(expect)
 
 
 def test_key_modes_are_set_and_unset() -> None:

@@ -37,6 +37,18 @@ def _in_flight(chan: Chan, n: int) -> None:
     chan._send_window = WINDOW - n
 
 
+async def _grown(n: int) -> tuple[Chan, AgentSession]:
+    """A session whose client went quiet with `n` in flight: after
+    FLIGHT_PATIENCE the pump goes on, with a larger allowance."""
+    chan = Chan()
+    s = _session(chan)
+    assert await _returns(s, 0.05)
+    _in_flight(chan, n)
+    assert await _returns(s, 1.0)
+    assert s._flight_limit == n + FLIGHT_MAX
+    return chan, s
+
+
 async def _returns(s: AgentSession, within: float) -> bool:
     try:
         await asyncio.wait_for(s._client_caught_up(), within)
@@ -50,15 +62,7 @@ def test_a_limit_grown_for_a_quiet_client_shrinks_back(monkeypatch: pytest.Monke
     monkeypatch.setattr(ssh_session, "FLIGHT_DECAY", 0.3)
 
     async def main() -> None:
-        chan = Chan()
-        s = _session(chan)
-        _in_flight(chan, 0)
-        assert await _returns(s, 0.05)
-        # the client stops crediting with 600 KiB in flight: after
-        # FLIGHT_PATIENCE the pump goes on, with a larger allowance
-        _in_flight(chan, 600 * 1024)
-        assert await _returns(s, 1.0)
-        assert s._flight_limit == 600 * 1024 + FLIGHT_MAX
+        chan, s = await _grown(600 * 1024)
         assert await _returns(s, 0.05)   # within the grown limit: no wait
         # it credits again, steadily but with the flood keeping ~500 KiB in
         # flight: the allowance halves every FLIGHT_DECAY all the same
@@ -86,12 +90,7 @@ def test_a_client_crediting_in_lumps_grows_it_again(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(ssh_session, "FLIGHT_DECAY", 0.3)
 
     async def main() -> None:
-        chan = Chan()
-        s = _session(chan)
-        _in_flight(chan, 0)
-        assert await _returns(s, 0.05)
-        _in_flight(chan, 900 * 1024)
-        assert await _returns(s, 1.0)
+        chan, s = await _grown(900 * 1024)
         grown = s._flight_limit
         # credit comes back half a window at a time; after the allowance has
         # halved, the next lump waits FLIGHT_PATIENCE once and grows it again
