@@ -53,14 +53,14 @@ class ModeTracker:
 
     def __init__(self) -> None:
         self._tail = b""
-        #: the modes the session ever set or reset (("dec"|"ansi", n), "keypad",
-        #: "region"): only those can differ from a client terminal's own
-        #: power-on values, so only those are restored
+        #: the modes the session ever set or reset (("dec"|"ansi", n), "mouse",
+        #: "encoding", "keypad", "region"): only those can differ from a client
+        #: terminal's own power-on values, so only those are restored
         self.seen: set[object] = set()
         self.reset()
 
     def reset(self) -> None:
-        """Power-on values (RIS, DECSTR)."""
+        """Power-on values (RIS)."""
         self.dec = dict(DEC_DEFAULTS)
         self.ansi = dict(ANSI_DEFAULTS)
         self.mouse: int | None = None   # the tracking mode in force
