@@ -46,6 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from sandbox.cgroups.v1 import shares  # noqa: E402
 from tests.e2e.conftest import Daemon, _hard_cleanup, free_port, make_daemon  # noqa: E402
 
 #: The timed command sleeps this long first (subtracted from its time), so the
@@ -284,7 +285,7 @@ def _agent_like_cgroups(name: str) -> Iterator[list[Path]]:
             if c == "cpu":
                 # weighted as corral weighs an agent with every CPU
                 for p in (leaf.parent.parent, leaf.parent, leaf):
-                    (p / "cpu.shares").write_text(str(1024 * (os.cpu_count() or 1)))
+                    (p / "cpu.shares").write_text(str(shares(None)))
         if not made:
             raise RuntimeError("--tmux-cgroups: no cgroup v1 controllers here")
         yield [p for p in made if p.name == "tmux"]

@@ -2,7 +2,8 @@
 painted, the program's further output must land on its terminal as it does on
 the session's, and its keys must be sent in the modes the program asked for.
 
-libvterm stands in for the client's terminal: a fresh model fed the repaint."""
+libvterm stands in for the client's terminal: a fresh model fed the repaint
+(test_screen._replay), compared cell by cell, cursor and pen included."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 
 from supervisor.screen import ScreenModel
 from supervisor.screen_modes import ModeTracker
+from tests.unit.test_screen import _assert_same as _same
+from tests.unit.test_screen import _replay as _client
 
 pytestmark = pytest.mark.filterwarnings("error")
 
@@ -20,20 +23,6 @@ def _model(cols: int = 40, rows: int = 12) -> ScreenModel:
     m = ScreenModel(cols, rows, backend="vterm")
     assert m.term is not None
     return m
-
-
-def _client(m: ScreenModel) -> ScreenModel:
-    """A client's terminal that has just been painted."""
-    c = _model(*m.size)
-    c.feed(m.render())
-    return c
-
-
-def _same(a: ScreenModel, b: ScreenModel) -> None:
-    assert b.text() == a.text()
-    assert a.term is not None
-    assert b.term is not None
-    assert b.term.cursor() == a.term.cursor()
 
 
 def _both(a: ScreenModel, b: ScreenModel, data: bytes) -> None:
