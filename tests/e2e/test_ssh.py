@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,6 +158,48 @@ def test_shared_session_viewer_and_revoke(team: Team, tmux: Tmux, uniq: str) -> 
     assert recs[0].read_text().startswith('{"version": 2')
 
 
+def _listening(port: int) -> bool:
+    # Asked of the kernel, not by connecting: a probe connection would be forwarded.
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True,
+                         check=False).stdout
+    return bool(out.strip())
+
+
+def _get(port: int) -> bytes:
+    """An HTTP request through the forward; b"" when the channel was refused."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            return s.recv(100)
+    except OSError:
+        return b""
+
+
+@contextlib.contextmanager
+def forward(team: Team, user: str, dest: str) -> Iterator[int]:
+    """`ssh -N -L PORT:DEST`, yielded once ssh listens, that is once it has logged in."""
+    lport = free_port()
+    proc = subprocess.Popen(["ssh", "-p", str(team.d.ssh_port), *team.opts(user), "-N",
+                             "-L", f"{lport}:{dest}", "web@127.0.0.1"])
+    try:
+        deadline = time.monotonic() + 30
+        while not _listening(lport):
+            assert proc.poll() is None, f"ssh -L as {user} exited with {proc.returncode}"
+            assert time.monotonic() < deadline, f"ssh -L as {user} never listened"
+            time.sleep(0.1)
+        yield lport
+    finally:
+        # Debian 12's ssh (9.2) can lose a SIGTERM that lands while it handles a
+        # refused channel (its poll emulation races with the handler), so SIGKILL
+        # follows a bounded wait.
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 def test_local_forward_reaches_inside_netns(team: Team) -> None:
     team.add("alice", "web", "collaborator")
     team.add("val", "web", "viewer")
@@ -162,43 +207,27 @@ def test_local_forward_reaches_inside_netns(team: Team) -> None:
     team.d.cli("exec", "web", "--", "sh", "-c",
                "nohup python3 -m http.server 8000 --bind 127.0.0.1 >/tmp/http.log 2>&1 &",
                check=True)
-    lport = free_port()
-    proc = subprocess.Popen(["ssh", "-p", str(team.d.ssh_port), *team.opts("alice"), "-N",
-                             "-L", f"{lport}:localhost:8000", "web@127.0.0.1"])
+    # a server on the host's loopback, which the agent's localhost is not
+    outside = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=outside.serve_forever, daemon=True).start()
     try:
-        body = b""
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", lport), timeout=5) as s:
-                    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-                    body = s.recv(100)
-                if body.startswith(b"HTTP/"):
-                    break
-            except OSError:
-                pass
-            time.sleep(0.3)
-        assert body.startswith(b"HTTP/1.0 200")
+        with forward(team, "alice", "localhost:8000") as lport:
+            body = b""
+            deadline = time.monotonic() + 30
+            while not body.startswith(b"HTTP/") and time.monotonic() < deadline:
+                body = _get(lport)  # the server inside may still be starting
+                time.sleep(0.3)
+            assert body.startswith(b"HTTP/1.0 200")
+        # the host's server is up (positive control), and not reachable through the agent
+        assert _get(outside.server_port).startswith(b"HTTP/1.0 200")
+        with forward(team, "alice", f"localhost:{outside.server_port}") as lport:
+            assert _get(lport) == b""
+        # a viewer logs in, but may not forward
+        with forward(team, "val", "localhost:8000") as vport:
+            assert _get(vport) == b""
     finally:
-        proc.terminate()
-        proc.wait(10)
-    # a viewer may not forward
-    vport = free_port()
-    vp = subprocess.Popen(["ssh", "-p", str(team.d.ssh_port), *team.opts("val"), "-N",
-                           "-L", f"{vport}:localhost:8000", "web@127.0.0.1"])
-    try:
-        time.sleep(2)
-        got = b""
-        try:
-            with socket.create_connection(("127.0.0.1", vport), timeout=5) as s:
-                s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-                got = s.recv(100)
-        except OSError:
-            pass
-        assert not got.startswith(b"HTTP/")
-    finally:
-        vp.terminate()
-        vp.wait(10)
+        outside.shutdown()
+        outside.server_close()
 
 
 def test_same_host_key_after_daemon_restart(team: Team) -> None:
