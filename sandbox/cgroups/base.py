@@ -47,10 +47,23 @@ def cpu_weight(cpus: float | None, per_cpu: int, lo: int, hi: int) -> int:
     processes they run, would get one task's share of a busy host (and a
     flooding agent lost a tenth of its speed to the daemon and its SSH
     clients; BENCHMARKS.md). Under contention agents now share CPU time in
-    proportion to their `cpus`, and corral's cgroups together weigh the
-    machine's CPUs."""
+    proportion to their `cpus`, and corral's cgroups between the base and
+    them weigh the machine's CPUs (see `base_weight` for the base)."""
     n = machine_cpus() if cpus is None else cpus
     return max(lo, min(hi, round(n * per_cpu)))
+
+
+def base_weight(children: list[int], lo: int, hi: int) -> int:
+    """The CPU weight of corral's base cgroup: the sum of its children's.
+
+    The base holds one subtree per kind of work (the agents, their keepers,
+    and on v2 the daemon's leaf), each weighing the machine. Were the base to
+    weigh the machine once, the keepers, which read the agents' terminals,
+    and the daemon would take their CPU time out of the agents' share: a
+    flooding agent and its keeper then got half of what a shell and its
+    tmux server get on a busy host (BENCHMARKS.md). Summed, nesting costs
+    them nothing against the host's other processes."""
+    return max(lo, min(hi, sum(children)))
 
 
 @dataclass(frozen=True)
@@ -153,6 +166,19 @@ def mkdirs(path: str) -> None:
 def read_text(path: str) -> str:
     with open(path) as f:
         return f.read()
+
+
+def child_weights(path: str, fname: str) -> list[int]:
+    """`fname` (cpu.shares, cpu.weight) of every child cgroup of `path`."""
+    out: list[int] = []
+    with os.scandir(path) as it:
+        for e in it:
+            if e.is_dir(follow_symlinks=False):
+                try:
+                    out.append(int(read_text(pjoin(e.path, fname))))
+                except (FileNotFoundError, ValueError):
+                    continue   # a child without the controller, or going away
+    return out
 
 
 def write_text(path: str, value: str) -> None:

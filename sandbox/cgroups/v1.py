@@ -36,7 +36,9 @@ from sandbox.cgroups.base import (
     KILL_TIMEOUT,
     CgroupDriver,
     Usage,
+    base_weight,
     check_rel,
+    child_weights,
     cpu_weight,
     is_dir,
     join_cg,
@@ -166,13 +168,21 @@ class V1Driver(CgroupDriver):
         log.debug("cgroup v1 %s prepared with %s", rel, limits)
 
     def _weigh_ancestors(self, rel: str) -> None:
-        """Our cgroups above `rel`, from the base down, weigh the whole machine
-        (base.cpu_weight); our own cgroup and those above it are not ours to set."""
+        """Our cgroups between the base and `rel` weigh the whole machine
+        (base.cpu_weight); the base, and any of ours above it, weigh the sum
+        of their children (base.base_weight). Written bottom-up, so each sum
+        sees its children's new weights. Our own cgroup and those above it are
+        not ours to set."""
         parts = [*self.parent_parts, *check_rel(rel)[:-1]]
-        value = str(shares(None))
-        for i in range(1, len(parts) + 1):
-            write_text(pjoin(self.mounts["cpu"] + join_cg(self.own_cg["cpu"], *parts[:i]),
-                             "cpu.shares"), value)
+        mount_own = self.mounts["cpu"] + self.own_cg["cpu"]
+        machine = str(shares(None))
+        for i in range(len(parts), 0, -1):
+            d = pjoin(mount_own, *parts[:i])
+            if i > len(self.parent_parts):
+                write_text(pjoin(d, "cpu.shares"), machine)
+            else:
+                value = base_weight(child_weights(d, "cpu.shares"), SHARES_MIN, SHARES_MAX)
+                write_text(pjoin(d, "cpu.shares"), str(value))
 
     def _set(self, ctl: Any, fname: str, value: str) -> None:
         try:

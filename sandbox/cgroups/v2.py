@@ -26,7 +26,9 @@ from sandbox.cgroups.base import (
     KILL_TIMEOUT,
     CgroupDriver,
     Usage,
+    base_weight,
     check_rel,
+    child_weights,
     cpu_weight,
     is_dir,
     join_cg,
@@ -166,7 +168,6 @@ class V2Driver(CgroupDriver):
                 hint="delegate them to corral (systemd: Delegate=yes) or use the v1 driver")
         parent_cg = cg.rsplit("/", 1)[0] or "/"
         self._enable_subtree(self.own, parent_cg)
-        self._weigh(self.base_cg, parent_cg)
         d = self._dir(cg)
         mkdirs(d)
         for fname, value in plan_limits(limits):
@@ -179,6 +180,7 @@ class V2Driver(CgroupDriver):
                                                                  errno.EPERM):
                     raise
                 log.debug("no %s/memory.swap.max (no swap accounting); skipped", d)
+        self._weigh(self.base_cg, parent_cg)
         log.debug("cgroup v2 %s prepared with %s", d, limits)
 
     def add(self, rel: str, pid: int) -> None:
@@ -196,17 +198,25 @@ class V2Driver(CgroupDriver):
         self._weigh(self.base_cg, join_cg(self.base_cg, leaf))
 
     def _weigh(self, cg_from: str, cg_to: str) -> None:
-        """Every cgroup from `cg_from` down to `cg_to` (both inclusive) weighs the
-        whole machine (base.cpu_weight); our own cgroup is not ours to set."""
+        """Every cgroup from `cg_from` down to `cg_to` (both inclusive) below the
+        base weighs the whole machine (base.cpu_weight); the base weighs the
+        sum of its children (base.base_weight), written last so that it sees
+        their new weights. Our own cgroup is not ours to set."""
         if "cpu" not in self._available():
             return   # not delegated to us: prepare() says so, with a hint
         chain = [cg_from]
         for comp in [c for c in cg_to[len(cg_from):].split("/") if c]:
             chain.append(join_cg(chain[-1], comp))
-        value = str(weight(None))
-        for cg in chain:
-            if cg != self.own and path_within(cg, self.own):
-                write_text(pjoin(self._dir(cg), "cpu.weight"), value)
+        machine = str(weight(None))
+        for cg in reversed(chain):
+            if cg == self.own or not path_within(cg, self.own):
+                continue
+            d = self._dir(cg)
+            if cg == self.base_cg:
+                value = str(base_weight(child_weights(d, "cpu.weight"), WEIGHT_MIN, WEIGHT_MAX))
+            else:
+                value = machine
+            write_text(pjoin(d, "cpu.weight"), value)
 
     # --- inspection ----------------------------------------------------------
 

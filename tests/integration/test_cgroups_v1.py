@@ -36,6 +36,35 @@ def cg(driver: CgroupDriver, uniq: str) -> Iterator[str]:
         assert not driver.exists(rel)
 
 
+@pytest.fixture
+def based(need_root: None, uniq: str) -> Iterator[V1Driver]:
+    """A driver rooted at a unique base beneath our cgroup, as the daemon's is;
+    its agents/ and keepers/ subtrees and the base itself are removed always."""
+    d = detect(parent=f"{uniq}-base")
+    assert isinstance(d, V1Driver)
+    try:
+        yield d
+    finally:
+        for sub in ("agents", "keepers"):
+            d.release(sub)
+        for c in d.ctrls:
+            base = Path(d.mounts[c] + d.base_cg[c])
+            if base.is_dir():
+                base.rmdir()
+        assert not any(Path(d.mounts[c] + d.base_cg[c]).exists() for c in d.ctrls)
+
+
+def test_the_base_weighs_an_agent_and_its_keeper(based: V1Driver) -> None:
+    based.prepare("agents/a1", Limits(cpus=0.5))
+    based.prepare("keepers/a1", Limits())
+    cpu = Path(based.mounts["cpu"] + based.base_cg["cpu"])
+    machine = 1024 * machine_cpus()
+    assert (cpu / "agents/a1/cpu.shares").read_text().strip() == "512"
+    assert (cpu / "agents/cpu.shares").read_text().strip() == str(machine)
+    assert (cpu / "keepers/cpu.shares").read_text().strip() == str(machine)
+    assert (cpu / "cpu.shares").read_text().strip() == str(2 * machine)
+
+
 def controller_dirs(driver: CgroupDriver, rel: str) -> list[Path]:
     """The host's own view: the cgroup's directory in each v1 hierarchy."""
     assert isinstance(driver, V1Driver)

@@ -110,6 +110,24 @@ def test_our_cgroups_above_a_sandbox_weigh_the_machine(tmp_path: Path) -> None:
     assert not (tmp_path / "cpu/cpu.shares").exists()  # our own cgroup is not ours to set
 
 
+def test_the_base_weighs_the_sum_of_its_subtrees(tmp_path: Path) -> None:
+    # an agent and its keeper each weigh the machine beneath the base: the
+    # keeper's work must not come out of the agent's share of a busy host
+    d = make_fake(tmp_path)
+    d.prepare("agents/a1", Limits(cpus=0.5))
+    d.prepare("keepers/a1", Limits())
+    machine = 1024 * machine_cpus()
+    assert (tmp_path / "cpu/corral-t/agents/cpu.shares").read_text() == str(machine)
+    assert (tmp_path / "cpu/corral-t/keepers/cpu.shares").read_text() == str(machine)
+    assert (tmp_path / "cpu/corral-t/cpu.shares").read_text() == str(2 * machine)
+    # a second agent changes neither subtree's weight, so nor the base's
+    d.prepare("agents/a2", Limits(cpus=4))
+    assert (tmp_path / "cpu/corral-t/cpu.shares").read_text() == str(2 * machine)
+    # a sandbox right beneath the base counts with its own weight
+    d.prepare("s1", Limits(cpus=1))
+    assert (tmp_path / "cpu/corral-t/cpu.shares").read_text() == str(2 * machine + 1024)
+
+
 def test_prepare_without_swap_accounting(tmp_path: Path) -> None:
     d = make_fake(tmp_path, memsw=False)
     d.prepare("s1", Limits(memory_bytes=1 << 20))

@@ -175,6 +175,20 @@ def test_enter_leaf_moves_caller_then_enables(fake: Path) -> None:
         "+cpu", "+memory", "+pids"]
 
 
+def test_the_base_weighs_the_sum_of_its_subtrees(fake: Path) -> None:
+    d = V2Driver(str(fake), OWN, parent="corral-x")
+    d.enter_leaf("supervisor")
+    d.prepare("agents/a1", Limits(cpus=0.2))
+    d.prepare("keepers/a1", Limits())
+    base = fake / OWN.lstrip("/") / "corral-x"
+    machine = 100 * machine_cpus()
+    assert (base / "agents/a1/cpu.weight").read_text() == "20"
+    for sub in ("supervisor", "agents", "keepers"):
+        assert (base / sub / "cpu.weight").read_text() == str(machine)
+    assert (base / "cpu.weight").read_text() == str(min(10000, 3 * machine))
+    assert not (fake / OWN.lstrip("/") / "cpu.weight").exists()  # our own: not ours to set
+
+
 @pytest.mark.parametrize("rel", ["", "/abs", "..", "a/../b", "a/./b", ".hidden", "a b",
                                  "-x", "a\nb"])
 def test_rel_paths_are_validated(fake: Path, rel: str) -> None:
