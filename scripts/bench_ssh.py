@@ -204,9 +204,10 @@ def main() -> int:
         out.append("")
         out += [f"| session output, {args.mbytes} MB, to N clients (median of "
                 f"{args.fanout_runs}) | corral s | tmux s | corral / tmux "
+                "| per run pair, median [quartiles] "
                 "| MB read per client, corral / tmux | server CPU s, corral / tmux "
                 "| client CPU s, corral / tmux |",
-                "|---|---:|---:|---:|---:|---:|---:|"]
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
         tmux_server = ["tmux", "-L", tmux_sock, "new-session", "-d", "-x", "120", "-y", "40",
                        "bash --norc"]
         if args.tmux_cgroups:
@@ -414,9 +415,15 @@ def _fanout_row(n: int, corral: list[Result], tmux: list[Result],
     tc, sc, mc = summary(corral)
     tt, st, mt = summary(tmux)
     ratio = f"{tc / tt:.2f}" if tc is not None and tt else "-"
+    # Each corral run against the tmux run right after it: robust to the
+    # machine's speed drifting during the benchmark, which moves both alike.
+    pairs = sorted(c[0] / t[0] for c, t in zip(corral, tmux, strict=True)
+                   if not isinstance(c, str) and not isinstance(t, str) and t[0] > 0)
+    paired = (f"{statistics.median(pairs):.2f} [{pairs[len(pairs) // 4]:.2f}-"
+              f"{pairs[(3 * len(pairs)) // 4]:.2f}]" if pairs else "-")
     cc, ct, kc, kt = (statistics.median(cpu[k])
                       for k in ("corral", "tmux", "corral-clients", "tmux-clients"))
-    return (f"| {n} | {sc} | {st} | {ratio} | {mc} / {mt} | {cc:.2f} / {ct:.2f} "
+    return (f"| {n} | {sc} | {st} | {ratio} | {paired} | {mc} / {mt} | {cc:.2f} / {ct:.2f} "
             f"| {kc:.2f} / {kt:.2f} |")
 
 
