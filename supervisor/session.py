@@ -50,8 +50,10 @@ SKIP_AT = 64 * 1024
 REPAINT_EVERY = 0.1
 REPAINT_COST = 5
 #: Once output has stopped for this long, lagging clients are repainted without
-#: waiting for the tick, so the end of a flood shows at once.
-REPAINT_QUIET = 0.02
+#: waiting for the tick, so the end of a flood shows at once. (At most one such
+#: repaint per quiet spell, and only for a client that has caught up. 20 ms
+#: made the end of a 10 MB flood reach one client ~10 ms later: BENCHMARKS.md.)
+REPAINT_QUIET = 0.01
 #: A lagging client that has taken nothing for this long has stopped reading.
 STALL_DROP = 30.0
 #: One read() hands back at most this much, so a reader's own buffers stay bounded.
