@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,13 @@ def cpu_weight(cpus: float | None, per_cpu: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, round(n * per_cpu)))
 
 
-def base_weight(children: list[int], lo: int, hi: int) -> int:
+#: Held while a base's weight is summed and written: the agent's and the
+#: keeper's cgroups are prepared in two threads at once (supervisor.agents),
+#: and a sum read before the other thread's child was weighed would stick.
+WEIGH_LOCK = threading.Lock()
+
+
+def base_weight(children: list[int], machine: int, lo: int, hi: int) -> int:
     """The CPU weight of corral's base cgroup: the sum of its children's.
 
     The base holds one subtree per kind of work (the agents, their keepers,
@@ -62,8 +69,10 @@ def base_weight(children: list[int], lo: int, hi: int) -> int:
     and the daemon would take their CPU time out of the agents' share: a
     flooding agent and its keeper then got half of what a shell and its
     tmux server get on a busy host (BENCHMARKS.md). Summed, nesting costs
-    them nothing against the host's other processes."""
-    return max(lo, min(hi, sum(children)))
+    them nothing against the host's other processes. (Under systemd the base
+    sits in corral-agents.service, and that unit's CPUWeight= decides what
+    the agents get against other services.) With no children: the machine."""
+    return max(lo, min(hi, sum(children) if children else machine))
 
 
 @dataclass(frozen=True)
@@ -176,7 +185,7 @@ def child_weights(path: str, fname: str) -> list[int]:
             if e.is_dir(follow_symlinks=False):
                 try:
                     out.append(int(read_text(pjoin(e.path, fname))))
-                except (FileNotFoundError, ValueError):
+                except (OSError, ValueError):
                     continue   # a child without the controller, or going away
     return out
 

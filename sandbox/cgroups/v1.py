@@ -34,6 +34,7 @@ from cgroupspy.nodes import Node
 
 from sandbox.cgroups.base import (
     KILL_TIMEOUT,
+    WEIGH_LOCK,
     CgroupDriver,
     Usage,
     base_weight,
@@ -176,13 +177,15 @@ class V1Driver(CgroupDriver):
         parts = [*self.parent_parts, *check_rel(rel)[:-1]]
         mount_own = self.mounts["cpu"] + self.own_cg["cpu"]
         machine = str(shares(None))
-        for i in range(len(parts), 0, -1):
-            d = pjoin(mount_own, *parts[:i])
-            if i > len(self.parent_parts):
-                write_text(pjoin(d, "cpu.shares"), machine)
-            else:
-                value = base_weight(child_weights(d, "cpu.shares"), SHARES_MIN, SHARES_MAX)
-                write_text(pjoin(d, "cpu.shares"), str(value))
+        with WEIGH_LOCK:
+            for i in range(len(parts), 0, -1):
+                d = pjoin(mount_own, *parts[:i])
+                if i > len(self.parent_parts):
+                    write_text(pjoin(d, "cpu.shares"), machine)
+                else:
+                    value = base_weight(child_weights(d, "cpu.shares"), shares(None),
+                                        SHARES_MIN, SHARES_MAX)
+                    write_text(pjoin(d, "cpu.shares"), str(value))
 
     def _set(self, ctl: Any, fname: str, value: str) -> None:
         try:

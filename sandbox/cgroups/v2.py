@@ -24,6 +24,7 @@ import time
 
 from sandbox.cgroups.base import (
     KILL_TIMEOUT,
+    WEIGH_LOCK,
     CgroupDriver,
     Usage,
     base_weight,
@@ -207,16 +208,17 @@ class V2Driver(CgroupDriver):
         chain = [cg_from]
         for comp in [c for c in cg_to[len(cg_from):].split("/") if c]:
             chain.append(join_cg(chain[-1], comp))
-        machine = str(weight(None))
-        for cg in reversed(chain):
-            if cg == self.own or not path_within(cg, self.own):
-                continue
-            d = self._dir(cg)
-            if cg == self.base_cg:
-                value = str(base_weight(child_weights(d, "cpu.weight"), WEIGHT_MIN, WEIGHT_MAX))
-            else:
+        machine = weight(None)
+        with WEIGH_LOCK:
+            for cg in reversed(chain):
+                if cg == self.own or not path_within(cg, self.own):
+                    continue
+                d = self._dir(cg)
                 value = machine
-            write_text(pjoin(d, "cpu.weight"), value)
+                if cg == self.base_cg:
+                    value = base_weight(child_weights(d, "cpu.weight"), machine,
+                                        WEIGHT_MIN, WEIGHT_MAX)
+                write_text(pjoin(d, "cpu.weight"), str(value))
 
     # --- inspection ----------------------------------------------------------
 

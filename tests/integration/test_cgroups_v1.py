@@ -3,6 +3,7 @@ at pids.max, a memory bomb OOM-killed inside its cgroup only, kill() and release
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -45,12 +46,12 @@ def based(need_root: None, uniq: str) -> Iterator[V1Driver]:
     try:
         yield d
     finally:
-        for sub in ("agents", "keepers"):
-            d.release(sub)
-        for c in d.ctrls:
-            base = Path(d.mounts[c] + d.base_cg[c])
-            if base.is_dir():
-                base.rmdir()
+        with contextlib.ExitStack() as cleanup:   # every step runs, even if one fails
+            for c in d.ctrls:
+                base = Path(d.mounts[c] + d.base_cg[c])
+                cleanup.callback(lambda base=base: base.is_dir() and base.rmdir())
+            for sub in ("agents", "keepers"):
+                cleanup.callback(d.release, sub)
         assert not any(Path(d.mounts[c] + d.base_cg[c]).exists() for c in d.ctrls)
 
 

@@ -3,7 +3,9 @@ plus detection's parsers (/proc/self/cgroup, mountinfo)."""
 
 from __future__ import annotations
 
+import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -126,6 +128,18 @@ def test_the_base_weighs_the_sum_of_its_subtrees(tmp_path: Path) -> None:
     # a sandbox right beneath the base counts with its own weight
     d.prepare("s1", Limits(cpus=1))
     assert (tmp_path / "cpu/corral-t/cpu.shares").read_text() == str(2 * machine + 1024)
+
+
+def test_the_base_sum_holds_when_agent_and_keeper_are_prepared_at_once(
+        tmp_path: Path) -> None:
+    # supervisor.agents prepares both in two threads: a sum read before the
+    # other child was weighed must not be the one that stays
+    machine = 1024 * machine_cpus()
+    for i in range(20):
+        d = make_fake(tmp_path / str(i))
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(functools.partial(d.prepare, limits=Limits()), ["agents/a", "keepers/a"]))
+        assert (tmp_path / str(i) / "cpu/corral-t/cpu.shares").read_text() == str(2 * machine)
 
 
 def test_prepare_without_swap_accounting(tmp_path: Path) -> None:
