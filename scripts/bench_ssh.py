@@ -284,9 +284,12 @@ def _agent_like_cgroups(name: str) -> Iterator[list[Path]]:
             if c == "memory":
                 (leaf / "memory.limit_in_bytes").write_text(str(1 << 30))
             if c == "cpu":
-                # weighted as corral weighs an agent with every CPU
-                for p in (leaf.parent.parent, leaf.parent, leaf):
+                # weighted as corral weighs an agent with every CPU; the top
+                # as corral's base, which weighs the agent and its keeper (here
+                # tmux's server, in the agent's cgroup) together
+                for p in (leaf.parent, leaf):
                     (p / "cpu.shares").write_text(str(shares(None)))
+                (leaf.parent.parent / "cpu.shares").write_text(str(2 * shares(None)))
         if not made:
             raise RuntimeError("--tmux-cgroups: no cgroup v1 controllers here")
         yield [p for p in made if p.name == "tmux"]

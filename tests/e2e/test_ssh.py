@@ -175,12 +175,25 @@ def _get(port: int) -> bytes:
         return b""
 
 
+class _Outside(http.server.BaseHTTPRequestHandler):
+    """The host's server: one fixed page, no files, no log lines."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"the host, not the agent\n")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
 @contextlib.contextmanager
 def forward(team: Team, user: str, dest: str) -> Iterator[int]:
     """`ssh -N -L PORT:DEST`, yielded once ssh listens, that is once it has logged in."""
     lport = free_port()
     proc = subprocess.Popen(["ssh", "-p", str(team.d.ssh_port), *team.opts(user), "-N",
-                             "-L", f"{lport}:{dest}", "web@127.0.0.1"])
+                             "-o", "ExitOnForwardFailure=yes", "-L", f"{lport}:{dest}",
+                             "web@127.0.0.1"])
     try:
         deadline = time.monotonic() + 30
         while not _listening(lport):
@@ -208,7 +221,7 @@ def test_local_forward_reaches_inside_netns(team: Team) -> None:
                "nohup python3 -m http.server 8000 --bind 127.0.0.1 >/tmp/http.log 2>&1 &",
                check=True)
     # a server on the host's loopback, which the agent's localhost is not
-    outside = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    outside = http.server.HTTPServer(("127.0.0.1", 0), _Outside)
     threading.Thread(target=outside.serve_forever, daemon=True).start()
     try:
         with forward(team, "alice", "localhost:8000") as lport:
